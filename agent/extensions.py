@@ -1,0 +1,21 @@
+"""Optional components started with the daemon: the MPM outbox and the local HTTP API, when present."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from agent.supervisor import Supervisor
+
+
+class Extension(Protocol):
+    """A component with an async start and stop."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def build_extensions(sup: Supervisor) -> list[Any]:
+    """The components this build of the daemon has, wired to the supervisor."""
+    return []

@@ -1,0 +1,79 @@
+"""Prometheus metrics, one registry for the whole daemon (served by the local HTTP API)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# drivers
+DRIVER_READS = Counter(
+    "edge_agent_driver_reads_total", "Successful reads or notifications", ["equipment_id"], registry=REGISTRY
+)
+DRIVER_VALUES = Counter(
+    "edge_agent_driver_values_total", "Tag values received from drivers", ["equipment_id"], registry=REGISTRY
+)
+DRIVER_ERRORS = Counter(
+    "edge_agent_driver_errors_total",
+    "Driver errors (bad values, failed requests)",
+    ["equipment_id", "kind"],
+    registry=REGISTRY,
+)
+DRIVER_RECONNECTS = Counter(
+    "edge_agent_driver_reconnects_total",
+    "Driver connection attempts after a failure",
+    ["equipment_id"],
+    registry=REGISTRY,
+)
+DRIVER_CONNECTED = Gauge(
+    "edge_agent_driver_connected", "1 while the driver's link is up", ["equipment_id"], registry=REGISTRY
+)
+DRIVER_LATENCY = Histogram(
+    "edge_agent_driver_request_seconds",
+    "Latency of driver requests and polls",
+    ["equipment_id"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+DRIVER_SKIPPED_TICKS = Counter(
+    "edge_agent_driver_skipped_ticks_total", "Polls skipped because a poll overran", ["equipment_id"], registry=REGISTRY
+)
+DRIVER_DROPPED = Counter(
+    "edge_agent_driver_dropped_total", "Notifications dropped by a driver's queue", ["equipment_id"], registry=REGISTRY
+)
+
+# MQTT and the store
+MQTT_PUBLISHED = Counter(
+    "edge_agent_mqtt_published_total", "Messages acknowledged by the broker", ["kind"], registry=REGISTRY
+)
+MQTT_REPLAYED = Counter(
+    "edge_agent_mqtt_replayed_total", "Stored messages replayed after a reconnect", registry=REGISTRY
+)
+MQTT_CONNECTED = Gauge("edge_agent_mqtt_connected", "1 while connected to the broker", registry=REGISTRY)
+MQTT_CONNECTS = Counter("edge_agent_mqtt_connects_total", "Successful broker connections", registry=REGISTRY)
+STORE_DEPTH = Gauge("edge_agent_store_depth", "Messages waiting in the durable store", registry=REGISTRY)
+STORE_STORED = Counter("edge_agent_store_stored_total", "Messages committed to the store", ["kind"], registry=REGISTRY)
+STORE_EVICTED = Counter(
+    "edge_agent_store_evicted_total", "Telemetry messages evicted from a full store", registry=REGISTRY
+)
+STORE_ERRORS = Counter("edge_agent_store_errors_total", "Store write failures (a full disk)", registry=REGISTRY)
+
+# commands
+COMMANDS = Counter(
+    "edge_agent_commands_total",
+    "Command requests by outcome",
+    ["equipment_id", "command", "outcome"],
+    registry=REGISTRY,
+)
+
+# MPM
+MPM_CALLS = Counter("edge_agent_mpm_calls_total", "MPM HTTP calls", ["call", "outcome"], registry=REGISTRY)
+MPM_LATENCY = Histogram("edge_agent_mpm_call_seconds", "MPM HTTP call latency", ["call"], registry=REGISTRY)
+OUTBOX_DEPTH = Gauge("edge_agent_outbox_depth", "Items waiting in the MPM outbox", registry=REGISTRY)
+OUTBOX_DELIVERED = Counter(
+    "edge_agent_outbox_delivered_total", "Outbox items delivered to MPM", ["kind"], registry=REGISTRY
+)
+OUTBOX_REJECTED = Counter("edge_agent_outbox_rejected_total", "Outbox items dead-lettered", ["kind"], registry=REGISTRY)
+OUTBOX_DUPLICATES = Counter(
+    "edge_agent_outbox_duplicates_total", "Submissions whose key was already pending or delivered", registry=REGISTRY
+)

@@ -1,0 +1,445 @@
+"""The monitoring loop: per-equipment state turned into status, telemetry, alerts and quality messages.
+
+Drivers hand events in; the monitor derives status per the contract, reports values by exception with
+a deadband measured from the last reported value, batches telemetry per `telemetry_interval_s`, keeps
+alerts with hysteresis (persisted, so a clear after a restart repeats the alert's id), and appends every
+message to the durable store, from which the MQTT sink sends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from agent import metrics
+from agent.config import AgentConfig, AlertConfig, EquipmentConfig
+from agent.model import (
+    ConnectionState,
+    EquipmentStatus,
+    Event,
+    QualityResult,
+    Reading,
+    StatusFact,
+    iso,
+    json_safe,
+    utcnow,
+)
+from agent.store import Store
+
+log = structlog.get_logger("edge_agent.monitor")
+
+MAX_VALUES_PER_MESSAGE = 1000
+StatusListener = Callable[[str, EquipmentStatus, EquipmentStatus | None], None]
+
+
+def status_key(value: Any) -> str:
+    """How a status-tag value matches a map key: integers and integral floats by their integer."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def _changed(value: Any, last: Any, deadband: float) -> bool:
+    if type(value) is not type(last) and not (isinstance(value, (int, float)) and isinstance(last, (int, float))):
+        return True
+    if isinstance(value, float) or isinstance(last, float):
+        a, b = float(value), float(last)
+        if a != a or b != b:  # NaN: a change only to or from NaN
+            return (a != a) != (b != b)
+        if deadband > 0:
+            return abs(a - b) >= deadband
+        return a != b
+    if deadband > 0 and isinstance(value, int) and not isinstance(value, bool):
+        return abs(value - last) >= deadband
+    return bool(value != last)
+
+
+@dataclass
+class EquipmentState:
+    """Everything the monitor knows about one equipment."""
+
+    cfg: EquipmentConfig
+    status: EquipmentStatus
+    stale_after_s: float
+    connected: bool = False
+    connection_error: str | None = None
+    values: dict[str, Reading] = field(default_factory=dict)
+    reported: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    fact: StatusFact | None = None
+    status_value_at: float | None = None
+    last_value_at: float | None = None
+    published_at: float = 0.0
+    active_alerts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # tag -> what it feeds, precomputed so the hot path does one dict lookup per reading
+    roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    alerts: dict[str, list[tuple[AlertConfig, str]]] = field(default_factory=dict)
+    deadband: dict[str, float] = field(default_factory=dict)
+    units: dict[str, str | None] = field(default_factory=dict)
+
+
+class Monitor:
+    """Per-equipment state, fed by drivers, writing messages to the store."""
+
+    def __init__(self, cfg: AgentConfig, store: Store, stale_defaults: dict[str, float] | None = None) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.equipment: dict[str, EquipmentState] = {}
+        self.status_listeners: list[StatusListener] = []
+        self.quality_handler: Callable[[str, dict[str, Any], str], Awaitable[tuple[bool, str]]] | None = None
+        self._stale_defaults = stale_defaults or {}
+        self.apply_config(cfg)
+
+    # -- configuration
+
+    def apply_config(self, cfg: AgentConfig, stale_defaults: dict[str, float] | None = None) -> None:
+        """Take a (new) config: equipment added, changed or removed keeps what it still can."""
+        self.cfg = cfg
+        if stale_defaults:
+            self._stale_defaults.update(stale_defaults)
+        self._root = cfg.root_topic
+        self._qos = cfg.mqtt.qos
+        seen = set()
+        for eq in cfg.equipment:
+            seen.add(eq.id)
+            old = self.equipment.get(eq.id)
+            stale = eq.stale_after_s if eq.stale_after_s is not None else self._stale_defaults.get(eq.id, 0.0)
+            if old is None:
+                st = EquipmentState(
+                    cfg=eq, status=EquipmentStatus(equipment_id=eq.id, type=eq.type), stale_after_s=stale
+                )
+                self.equipment[eq.id] = st
+            else:
+                st = old
+                st.cfg = eq
+                st.stale_after_s = stale
+                st.status.type = eq.type
+                known = {t.name for t in eq.tags}
+                for name in list(st.reported):
+                    if name not in known:
+                        st.reported.pop(name, None)
+                        st.values.pop(name, None)
+            self._index(st)
+        for eid in list(self.equipment):
+            if eid not in seen:
+                del self.equipment[eid]
+
+    def _index(self, st: EquipmentState) -> None:
+        eq = st.cfg
+        roles: dict[str, list[str]] = {}
+        if eq.status is not None:
+            for role, tag in eq.status.tag_refs().items():
+                roles.setdefault(tag, []).append(role)
+        st.roles = {k: tuple(v) for k, v in roles.items()}
+        st.alerts = {}
+        keys = set()
+        for a in eq.alerts:
+            key = f"alert|{eq.id}|{a.tag}|{'above' if a.above is not None else 'below'}|{a.threshold:g}"
+            keys.add(key)
+            st.alerts.setdefault(a.tag, []).append((a, key))
+        persisted = self.store.state_items(f"alert|{eq.id}|")
+        st.active_alerts = {k: v for k, v in persisted.items() if k in keys}
+        st.deadband = {t.name: t.deadband for t in eq.tags}
+        st.units = {t.name: t.unit for t in eq.tags}
+
+    # -- events
+
+    def on_event(self, eid: str, ev: Event) -> None:
+        """Take one event from a driver (QualityResult goes to `on_quality`)."""
+        if type(ev) is Reading:
+            self.on_reading(eid, ev)
+        elif isinstance(ev, ConnectionState):
+            self.on_connection(eid, ev)
+        elif isinstance(ev, StatusFact):
+            self.on_fact(eid, ev)
+        elif isinstance(ev, Reading):
+            self.on_reading(eid, ev)
+
+    def on_reading(self, eid: str, r: Reading) -> None:
+        """A tag value: telemetry by exception, status and alerts."""
+        st = self.equipment.get(eid)
+        if st is None:
+            return
+        tag = r.tag
+        st.values[tag] = r
+        now = time.monotonic()
+        st.last_value_at = now
+        last = st.reported.get(tag)
+        if last is None or last[1] != r.quality or _changed(r.value, last[0], st.deadband.get(tag, 0.0)):
+            st.reported[tag] = (r.value, r.quality)
+            st.pending.append(
+                {"tag": tag, "value": r.value, "unit": st.units.get(tag), "ts": iso(r.ts), "quality": r.quality}
+            )
+        if tag in st.roles:
+            if "tag" in st.roles[tag]:
+                st.status_value_at = now
+            self._update_status(st)
+        if tag in st.alerts and r.quality != "bad":
+            self._check_alerts(st, tag, r)
+
+    def on_connection(self, eid: str, ev: ConnectionState) -> None:
+        """The driver's link went up or down."""
+        st = self.equipment.get(eid)
+        if st is None:
+            return
+        st.connected = ev.connected
+        st.connection_error = None if ev.connected else ev.error
+        if ev.connected:
+            st.status_value_at = None
+            st.fact = None
+        self._update_status(st)
+
+    def on_fact(self, eid: str, fact: StatusFact) -> None:
+        """Status that the driver knows directly."""
+        st = self.equipment.get(eid)
+        if st is None:
+            return
+        st.fact = fact
+        if not st.connected:
+            st.connected = True
+            st.connection_error = None
+        self._update_status(st)
+
+    async def on_quality(self, eid: str, q: QualityResult) -> None:
+        """A quality result: made durable (outbox), published pending, its driver told the outcome."""
+        st = self.equipment.get(eid)
+        result = dict(q.result)
+        result.setdefault("equipment_id", eid)
+        result.setdefault("timestamp", iso(utcnow()))
+        try:
+            if self.quality_handler is not None:
+                new, delivery = await self.quality_handler(eid, result, q.idempotency_key)
+            else:
+                new, delivery = True, "disabled"
+            extra: dict[str, Any] = {"duplicate": True} if not new else {}
+            if not new:
+                metrics.OUTBOX_DUPLICATES.inc()
+            self.publish_quality(eid, result, delivery, q.idempotency_key, **extra)
+        except Exception as err:
+            if q.committed is not None and not q.committed.done():
+                q.committed.set_exception(err)
+            raise
+        if q.committed is not None and not q.committed.done():
+            q.committed.set_result(new)
+        if st is not None:
+            st.last_value_at = time.monotonic()
+
+    def publish_quality(self, eid: str, result: dict[str, Any], delivery: str, key: str, **extra: Any) -> None:
+        """Append a quality message (its `mpm_delivery` state) to the store."""
+        payload = json_safe(dict(result))
+        payload["equipment_id"] = payload.get("equipment_id") or eid
+        payload["mpm_delivery"] = delivery
+        payload["idempotency_key"] = key
+        payload.update(extra)
+        self.store.append("quality", f"{self._root}/equipment/{eid}/quality", payload, 1, False)
+
+    # -- status
+
+    def _derive(self, st: EquipmentState) -> EquipmentStatus:
+        eq = st.cfg
+        new = EquipmentStatus(equipment_id=eq.id, type=eq.type, status="unknown")
+        if not st.connected:
+            new.status = "offline"
+            new.error_message = st.connection_error
+            return new
+        if st.fact is not None:
+            f = st.fact
+            new.status = f.status
+            new.current_operation = f.current_operation
+            new.progress = f.progress
+            new.error_message = f.error_message
+            new.process_id = f.process_id
+            new.metadata = dict(f.metadata)
+        elif eq.status is None or eq.status.tag is None:
+            new.status = "idle" if eq.status is None else "unknown"
+        else:
+            r = st.values.get(eq.status.tag)
+            if r is None or st.status_value_at is None:
+                new.status = "unknown"
+            elif r.quality == "bad":
+                new.status = "unknown"
+                new.metadata["raw_status_quality"] = r.quality
+            elif self._is_stale(st):
+                new.status = "unknown"
+                new.metadata["stale"] = True
+            else:
+                mapped = eq.status.map.get(status_key(r.value))
+                if mapped is None:
+                    new.status = "unknown"
+                    new.metadata["raw_status"] = json_safe(r.value)
+                else:
+                    new.status = mapped
+        sc = eq.status
+        if sc is not None:
+            if sc.progress_tag and (p := st.values.get(sc.progress_tag)) is not None and p.quality != "bad":
+                num = _number(p.value)
+                if num is not None and math.isfinite(num):
+                    new.progress = min(1.0, max(0.0, num))
+            if sc.operation_tag and (o := st.values.get(sc.operation_tag)) is not None and o.quality != "bad":
+                new.current_operation = str(o.value) if o.value not in (None, "") else None
+            if sc.process_id_tag and (j := st.values.get(sc.process_id_tag)) is not None and j.quality != "bad":
+                new.process_id = status_key(j.value) if j.value not in (None, "", 0) else None
+            if sc.error_tag and (e := st.values.get(sc.error_tag)) is not None and e.quality != "bad":
+                new.error_message = str(e.value) if e.value not in (None, "", 0) else None
+        return new
+
+    def _is_stale(self, st: EquipmentState) -> bool:
+        return bool(
+            st.stale_after_s > 0
+            and st.status_value_at is not None
+            and time.monotonic() - st.status_value_at > st.stale_after_s
+        )
+
+    def _update_status(self, st: EquipmentState) -> None:
+        new = self._derive(st)
+        if new.differs(st.status) or (new.status == "unknown" and new.metadata != st.status.metadata):
+            old = st.status
+            st.status = new
+            self._publish_status(st)
+            if old.status != new.status:
+                log.info(
+                    "status_changed",
+                    equipment_id=st.cfg.id,
+                    status=new.status,
+                    previous=old.status,
+                    error_message=new.error_message,
+                )
+            for listener in self.status_listeners:
+                try:
+                    listener(st.cfg.id, new, old)
+                except Exception:
+                    log.exception("status_listener_failed", equipment_id=st.cfg.id)
+
+    def _publish_status(self, st: EquipmentState) -> None:
+        st.published_at = time.monotonic()
+        self.store.append("status", f"{self._root}/equipment/{st.cfg.id}/status", st.status.to_dict(), 1, True)
+
+    def republish_statuses(self) -> None:
+        """Every current status again (after a reconnect, on rebirth)."""
+        for st in self.equipment.values():
+            self._publish_status(st)
+
+    # -- alerts
+
+    def _check_alerts(self, st: EquipmentState, tag: str, r: Reading) -> None:
+        value = _number(r.value)
+        if value is None or value != value:
+            return
+        for a, key in st.alerts[tag]:
+            active = st.active_alerts.get(key)
+            above = a.above is not None
+            if active is None:
+                if (above and value > a.threshold) or (not above and value < a.threshold):
+                    alert_id = str(uuid.uuid4())
+                    active = {"alert_id": alert_id, "since": iso(utcnow())}
+                    st.active_alerts[key] = active
+                    self.store.set_state(key, active)
+                    self._publish_alert(st, a, alert_id, r, a.threshold, "active")
+            elif (above and value < a.clear_threshold) or (not above and value > a.clear_threshold):
+                st.active_alerts.pop(key, None)
+                self.store.set_state(key, None)
+                self._publish_alert(st, a, active["alert_id"], r, a.clear_threshold, "cleared")
+
+    def _publish_alert(
+        self, st: EquipmentState, a: AlertConfig, alert_id: str, r: Reading, threshold: float, state: str
+    ) -> None:
+        payload = {
+            "alert_id": alert_id,
+            "equipment_id": st.cfg.id,
+            "tag": a.tag,
+            "value": json_safe(r.value),
+            "threshold": threshold,
+            "severity": a.severity,
+            "state": state,
+            "message": a.message,
+            "process_id": st.status.process_id,
+            "timestamp": iso(r.ts),
+        }
+        self.store.append("alert", f"{self._root}/equipment/{st.cfg.id}/alerts", payload, 1, False)
+        log.info("alert", equipment_id=st.cfg.id, alert_id=alert_id, tag=a.tag, state=state, severity=a.severity)
+
+    # -- periodic work
+
+    def flush(self) -> int:
+        """Write pending telemetry as batched messages; return the number of values written."""
+        batch: list[tuple[str, str, dict[str, Any], int, bool]] = []
+        count = 0
+        for st in self.equipment.values():
+            if not st.pending:
+                continue
+            pending, st.pending = st.pending, []
+            count += len(pending)
+            metrics.DRIVER_VALUES.labels(st.cfg.id).inc(len(pending))
+            topic = f"{self._root}/equipment/{st.cfg.id}/telemetry"
+            now = iso(utcnow())
+            for i in range(0, len(pending), MAX_VALUES_PER_MESSAGE):
+                values = pending[i : i + MAX_VALUES_PER_MESSAGE]
+                payload = {"equipment_id": st.cfg.id, "timestamp": now, "values": values}
+                batch.append(("telemetry", topic, payload, self._qos, False))
+        if batch:
+            self.store.append_many(batch)
+        return count
+
+    def tick(self) -> None:
+        """Staleness and heartbeats."""
+        now = time.monotonic()
+        heartbeat = self.cfg.mqtt.status_heartbeat_s
+        for st in self.equipment.values():
+            if st.stale_after_s > 0 and st.connected and st.status.status != "unknown" and self._is_stale(st):
+                self._update_status(st)
+            if now - st.published_at >= heartbeat:
+                self._publish_status(st)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush telemetry every `telemetry_interval_s` and tick, until `stop` is set; then flush once more."""
+        interval = self.cfg.mqtt.telemetry_interval_s
+        next_flush = time.monotonic() + interval
+        next_tick = time.monotonic()
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= next_flush:
+                self.flush()
+                next_flush = now + self.cfg.mqtt.telemetry_interval_s
+            if now >= next_tick:
+                self.tick()
+                next_tick = now + 0.25
+            wait = max(0.0, min(next_flush, next_tick) - time.monotonic())
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=wait)
+            except TimeoutError:
+                pass
+        self.flush()
+
+    # -- read access (HTTP API, Python API)
+
+    def snapshot(self, eid: str) -> dict[str, Any] | None:
+        """The status object plus current values of one equipment."""
+        st = self.equipment.get(eid)
+        if st is None:
+            return None
+        out = st.status.to_dict()
+        out["values"] = {
+            tag: {"value": json_safe(r.value), "unit": st.units.get(tag), "ts": iso(r.ts), "quality": r.quality}
+            for tag, r in st.values.items()
+        }
+        out["last_value_age_s"] = None if st.last_value_at is None else round(time.monotonic() - st.last_value_at, 3)
+        return out

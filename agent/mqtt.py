@@ -1,0 +1,370 @@
+"""The MQTT sink (paho-mqtt, MQTT 5): sends what the durable store holds, in order, and takes commands.
+
+Each connection uses a fresh paho client so that paho never re-sends from its own queue: the store is
+the only source of truth. A message leaves the store only on its PUBACK; after a reconnect everything
+still stored goes out again, marked `is_historical` and never retained, after the birth and before the
+current statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent import metrics
+from agent.config import AgentConfig
+from agent.model import iso, utcnow
+from agent.reconnect import Backoff, Transitions
+from agent.store import Store, StoredMessage, dumps
+
+log = structlog.get_logger("edge_agent.mqtt")
+
+WINDOW = 100  # messages handed to paho and not yet acknowledged
+HISTORICAL = b',"is_historical":true}'
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A message received on a subscribed topic."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    response_topic: str | None
+    correlation: bytes | None
+    expiry_s: int | None
+    received_at: float
+
+
+class MqttSink:
+    """Owns the broker connection: birth and will, the store pump, subscriptions."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        store: Store,
+        *,
+        session: str,
+        version: str,
+        started_at: str,
+        on_connected: Callable[[], None],
+        on_message: Callable[[Incoming], None],
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.session = session
+        self.version = version
+        self.started_at = started_at
+        self._on_connected = on_connected
+        self._on_message = on_message
+        self.root = cfg.root_topic
+        self.connected = False
+        self.down_since: float | None = time.monotonic()
+        self.last_error: str | None = None
+        self._wake = asyncio.Event()
+        self._acks: collections.deque[int] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: paho.Client | None = None
+        self._lost: asyncio.Event | None = None
+        self._inflight: dict[int, StoredMessage] = {}
+        self._last_sent = 0
+        self._replay_upto = 0
+        self._stop = asyncio.Event()
+        self._connack_ok = asyncio.Event()
+        self.transitions = Transitions(log, "mqtt")
+        store.add_listener(self._wake.set)
+
+    # -- paho callbacks (paho's network thread): hand over to the event loop only
+
+    def _cb_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._connack, client, rc)
+
+    def _cb_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        # Stop paho's own reconnect loop: the supervisor's policy reconnects with a fresh client.
+        client.loop_stop()
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._link_lost, client, str(rc))
+
+    def _cb_publish(self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
+        if client is self._client:
+            self._acks.append(mid)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        incoming = Incoming(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            retain=bool(msg.retain),
+            response_topic=getattr(props, "ResponseTopic", None) if props else None,
+            correlation=getattr(props, "CorrelationData", None) if props else None,
+            expiry_s=getattr(props, "MessageExpiryInterval", None) if props else None,
+            received_at=time.time(),
+        )
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._on_message, incoming)
+
+    # -- event-loop side
+
+    def _connack(self, client: paho.Client, rc: ReasonCode) -> None:
+        if client is not self._client or self._lost is None:
+            return
+        if rc.is_failure:
+            self.last_error = f"broker refused the connection: {rc}"
+            self._lost.set()
+        else:
+            self._connected_fut_set()
+
+    def _connected_fut_set(self) -> None:
+        self._connack_ok.set()
+
+    def _link_lost(self, client: paho.Client, reason: str) -> None:
+        if client is not self._client or self._lost is None:
+            return
+        self.last_error = self.last_error or f"connection lost: {reason}"
+        self._lost.set()
+        self._wake.set()
+
+    def _make_client(self) -> paho.Client:
+        m = self.cfg.mqtt
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.cfg.client_id,
+            protocol=paho.MQTTv5,
+        )
+        if m.username:
+            client.username_pw_set(m.username, m.secret("password"))
+        if m.tls:
+            ctx = ssl.create_default_context(cafile=str(m.ca_file) if m.ca_file else None)
+            if m.cert_file:
+                ctx.load_cert_chain(str(m.cert_file), str(m.key_file) if m.key_file else None)
+            client.tls_set_context(ctx)
+        offline = {"online": False, "agent_id": self.cfg.agent.id, "site": self.cfg.agent.site, "session": self.session}
+        client.will_set(f"{self.root}/state", dumps(offline), qos=1, retain=True)
+        client.max_inflight_messages_set(20)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._cb_connect
+        client.on_disconnect = self._cb_disconnect
+        client.on_publish = self._cb_publish
+        client.on_message = self._cb_message
+        return client
+
+    def birth(self) -> dict[str, Any]:
+        """The retained `R/state` birth payload."""
+        return {
+            "online": True,
+            "agent_id": self.cfg.agent.id,
+            "site": self.cfg.agent.site,
+            "version": self.version,
+            "started_at": self.started_at,
+            "session": self.session,
+        }
+
+    def request_stop(self) -> None:
+        """Drain within the grace period, publish the offline state, disconnect; `run` then returns."""
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Connect, pump, reconnect with backoff until `request_stop`."""
+        self._loop = asyncio.get_running_loop()
+        stop = self._stop
+        backoff = Backoff(self.cfg.agent.reconnect_max_s)
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                backoff.reset()
+            except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as err:
+                self.last_error = describe(err)
+            finally:
+                await self._close_client()
+            if stop.is_set():
+                break
+            self.transitions.mark_down(
+                self.last_error or "disconnected", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=backoff.next())
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        m = self.cfg.mqtt
+        client = self._make_client()
+        self._client = client
+        self._lost = asyncio.Event()
+        self._connack_ok = asyncio.Event()
+        self.last_error = None
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0
+        await asyncio.wait_for(
+            asyncio.to_thread(client.connect, m.host, m.port, m.keepalive_s, clean_start=True, properties=props),
+            timeout=max(10.0, m.keepalive_s),
+        )
+        client.loop_start()
+        waiter = asyncio.create_task(self._connack_ok.wait())
+        lost = asyncio.create_task(self._lost.wait())
+        try:
+            await asyncio.wait({waiter, lost}, timeout=max(10.0, m.keepalive_s), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            lost.cancel()
+        if not self._connack_ok.is_set():
+            raise ConnectionError(self.last_error or "no CONNACK from the broker")
+        # Connected: birth, backlog (historical), current statuses, then live.
+        self.connected = True
+        self.down_since = None
+        metrics.MQTT_CONNECTED.set(1)
+        metrics.MQTT_CONNECTS.inc()
+        self.transitions.mark_up(broker=f"{m.host}:{m.port}")
+        self._inflight.clear()
+        self._acks.clear()
+        self._last_sent = 0
+        self._replay_upto = self.store.max_id()
+        if self._replay_upto:
+            log.info("mqtt_replay", messages=self.store.depth)
+        client.publish(f"{self.root}/state", dumps(self.birth()), qos=1, retain=True)
+        if m.commands_enabled:
+            client.subscribe(f"{self.root}/equipment/+/cmd/+", qos=1)
+        client.subscribe(f"{self.root}/cmd/rebirth", qos=1)
+        self._on_connected()
+        try:
+            await self._pump(stop)
+        finally:
+            self.connected = False
+            self.down_since = time.monotonic()
+            metrics.MQTT_CONNECTED.set(0)
+
+    async def _pump(self, stop: asyncio.Event) -> None:
+        assert self._client is not None and self._lost is not None
+        client = self._client
+        deadline: float | None = None
+        while not self._lost.is_set():
+            self._wake.clear()
+            self._handle_acks()
+            if stop.is_set():
+                if deadline is None:
+                    deadline = time.monotonic() + self.cfg.agent.shutdown_grace_s
+                if (not self._inflight and self.store.depth == 0) or time.monotonic() >= deadline:
+                    await self._goodbye(client)
+                    return
+            room = WINDOW - len(self._inflight)
+            if room > 0:
+                for msg in self.store.fetch(self._last_sent, room):
+                    self._send(client, msg)
+                    if self._lost.is_set():
+                        return
+            if deadline is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(0.01, min(0.1, deadline - time.monotonic())))
+
+    async def _goodbye(self, client: paho.Client) -> None:
+        """The clean stop: the retained offline state (the will is not sent on a normal disconnect)."""
+        offline = {"online": False, "agent_id": self.cfg.agent.id, "site": self.cfg.agent.site, "session": self.session}
+        info = client.publish(f"{self.root}/state", dumps(offline), qos=1, retain=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.to_thread(info.wait_for_publish, 2.0), timeout=3.0)
+        self._handle_acks()
+        if self.store.depth:
+            log.warning("mqtt_stopped_with_backlog", messages=self.store.depth)
+        log.info("mqtt_disconnected_cleanly")
+
+    def _send(self, client: paho.Client, msg: StoredMessage) -> None:
+        historical = msg.id <= self._replay_upto
+        payload = msg.payload[:-1] + HISTORICAL if historical and msg.payload.endswith(b"}") else msg.payload
+        info = client.publish(msg.topic, payload, qos=msg.qos, retain=msg.retain and not historical)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            # Not connected any more: the message stays stored and goes out after the reconnect.
+            assert self._lost is not None
+            self.last_error = f"publish failed: {paho.error_string(info.rc)}"
+            self._lost.set()
+            return
+        self._last_sent = msg.id
+        if historical:
+            metrics.MQTT_REPLAYED.inc()
+        if msg.response_topic:
+            props = Properties(PacketTypes.PUBLISH)
+            if msg.correlation is not None:
+                props.CorrelationData = msg.correlation
+            client.publish(msg.response_topic, payload, qos=1, retain=False, properties=props)
+        if msg.qos == 0:
+            self._done([msg])
+        else:
+            self._inflight[info.mid] = msg
+
+    def _handle_acks(self) -> None:
+        done = []
+        while self._acks:
+            mid = self._acks.popleft()
+            msg = self._inflight.pop(mid, None)
+            if msg is not None:
+                done.append(msg)
+        if done:
+            self._done(done)
+
+    def _done(self, msgs: list[StoredMessage]) -> None:
+        self.store.delete([m.id for m in msgs])
+        for m in msgs:
+            metrics.MQTT_PUBLISHED.labels(m.kind).inc()
+
+    async def _close_client(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        await asyncio.to_thread(client.loop_stop)
+        with contextlib.suppress(Exception):
+            # A socket paho did not close itself (connect failed before the loop started).
+            sock = client.socket()
+            if sock is not None:
+                sock.close()
+
+    def publish_direct(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
+        """Publish outside the store (birth on rebirth); a no-op while disconnected."""
+        if self._client is not None and self.connected:
+            self._client.publish(topic, dumps(payload), qos=1, retain=retain)
+
+    def rebirth(self) -> None:
+        """Republish the birth (the caller republishes the statuses)."""
+        self.publish_direct(f"{self.root}/state", self.birth(), retain=True)
+
+
+def describe(err: BaseException) -> str:
+    """A short, secret-free description of a connection error."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {err.verify_message}"
+    if isinstance(err, ssl.SSLError):
+        return f"TLS error: {err.reason or err}"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    text = str(err) or type(err).__name__
+    return text
+
+
+def now_iso() -> str:
+    """The current time as the contract formats it."""
+    return iso(utcnow())
+
+
+def parse_json(payload: bytes) -> Any:
+    """Decode a JSON payload (raises ValueError)."""
+    return json.loads(payload.decode("utf-8"))

@@ -1,0 +1,291 @@
+"""The daemon's lifecycle: a TaskGroup of named tasks, driver reconnects, signals, reload, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import __version__, metrics
+from agent import systemd as sd
+from agent.commands import CommandRouter
+from agent.config import AgentConfig, EquipmentConfig, load_config
+from agent.errors import ConfigError
+from agent.logging import configure as configure_logging
+from agent.model import ConnectionState, QualityResult, Reading, iso, utcnow
+from agent.monitor import Monitor
+from agent.mqtt import Incoming, MqttSink, describe
+from agent.reconnect import Backoff, Transitions
+from agent.store import Store
+from drivers.base import Driver, DriverContext
+from drivers.registry import get_driver
+
+log = structlog.get_logger("edge_agent.supervisor")
+
+
+class Supervisor:
+    """Owns every component of a running daemon."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.session = str(uuid.uuid4())
+        self.started_at = iso(utcnow())
+        self.stop_event = asyncio.Event()
+        self.store = Store(cfg.agent.state_dir, cfg.mqtt.buffer_max_messages)
+        self.monitor: Monitor | None = None
+        self.mqtt: MqttSink | None = None
+        self.router: CommandRouter | None = None
+        self.drivers: dict[str, Driver] = {}
+        self.driver_tasks: dict[str, asyncio.Task[None]] = {}
+        self.driver_state: dict[str, dict[str, Any]] = {}
+        self.extensions: list[Any] = []  # optional components (outbox, HTTP API) with start/stop
+        self._tg: asyncio.TaskGroup | None = None
+        self._mqtt_task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    # -- helpers for components
+
+    def status_of(self, eid: str) -> str | None:
+        """The current status of an equipment."""
+        if self.monitor is None or eid not in self.monitor.equipment:
+            return None
+        return self.monitor.equipment[eid].status.status
+
+    def driver_of(self, eid: str) -> Driver | None:
+        """The live driver of an equipment, when connected."""
+        return self.drivers.get(eid)
+
+    def _stale_defaults(self, cfg: AgentConfig) -> dict[str, float]:
+        out = {}
+        for eq in cfg.equipment:
+            out[eq.id] = get_driver(eq.driver).default_stale_after_s(eq)
+        return out
+
+    # -- run
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        try:
+            self.store.open()
+            self.monitor = Monitor(self.cfg, self.store, self._stale_defaults(self.cfg))
+            self.router = CommandRouter(self.cfg, self.store, self.status_of, self.driver_of)
+            await self._start_extensions()
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self.monitor.run(self.stop_event), name="monitor")
+                self._start_mqtt()
+                for eq in self.cfg.equipment:
+                    self._start_driver(eq)
+                tg.create_task(sd.watchdog(self.stop_event), name="watchdog")
+                self.ready.set()
+                sd.notify(f"READY=1\nSTATUS=running: {len(self.cfg.equipment)} equipment")
+                log.info("started", session=self.session, version=__version__, equipment=len(self.cfg.equipment))
+                await self.stop_event.wait()
+                sd.notify("STOPPING=1")
+                log.info("stopping")
+                await self._shutdown()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self.store.close()
+        log.info("stopped")
+        return 0
+
+    async def _shutdown(self) -> None:
+        # Stop drivers first so nothing new arrives, then flush what the monitor holds, then drain MQTT.
+        for task in list(self.driver_tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self.driver_tasks.values(), return_exceptions=True)
+        if self.router is not None:
+            await self.router.close()
+        if self.monitor is not None:
+            self.monitor.flush()
+        await self._stop_extensions()
+        if self.mqtt is not None and self._mqtt_task is not None:
+            self.mqtt.request_stop()
+            await asyncio.gather(self._mqtt_task, return_exceptions=True)
+
+    # -- optional components
+
+    async def _start_extensions(self) -> None:
+        from agent.extensions import build_extensions
+
+        self.extensions = build_extensions(self)
+        for ext in self.extensions:
+            await ext.start()
+
+    async def _stop_extensions(self) -> None:
+        for ext in reversed(self.extensions):
+            with contextlib.suppress(Exception):
+                await ext.stop()
+
+    # -- MQTT
+
+    def _start_mqtt(self) -> None:
+        assert self._tg is not None and self.monitor is not None
+        monitor = self.monitor
+        self.mqtt = MqttSink(
+            self.cfg,
+            self.store,
+            session=self.session,
+            version=__version__,
+            started_at=self.started_at,
+            on_connected=monitor.republish_statuses,
+            on_message=self._on_message,
+        )
+        self._mqtt_task = self._tg.create_task(self.mqtt.run(), name="sink[mqtt]")
+
+    def _on_message(self, msg: Incoming) -> None:
+        if msg.topic == f"{self.cfg.root_topic}/cmd/rebirth":
+            log.info("rebirth_requested")
+            if self.mqtt is not None and self.monitor is not None:
+                self.mqtt.rebirth()
+                self.monitor.republish_statuses()
+            return
+        if self.router is not None and self.cfg.mqtt.commands_enabled:
+            self.router.handle_mqtt(msg)
+
+    # -- drivers
+
+    def _start_driver(self, eq: EquipmentConfig) -> None:
+        assert self._tg is not None
+        self.driver_tasks[eq.id] = self._tg.create_task(self._drive(eq), name=f"driver[{eq.id}]")
+
+    async def _drive(self, eq: EquipmentConfig) -> None:
+        """Keep one equipment's driver connected: the one reconnect loop for every driver."""
+        assert self.monitor is not None
+        monitor = self.monitor
+        cls = get_driver(eq.driver)
+        ctx = DriverContext(state_dir=self.cfg.agent.state_dir, reconnect_max_s=self.cfg.agent.reconnect_max_s)
+        backoff = Backoff(self.cfg.agent.reconnect_max_s)
+        dlog = log.bind(equipment_id=eq.id, driver=eq.driver)
+        transitions = Transitions(dlog, "driver")
+        state = self.driver_state.setdefault(eq.id, {"connected": False, "last_success": None, "error": None})
+        monitor.on_connection(eq.id, ConnectionState(False, "connecting"))
+        try:
+            while True:
+                driver = cls(eq, ctx)
+                error: str | None = None
+                try:
+                    async with driver:
+                        self.drivers[eq.id] = driver
+                        transitions.mark_up()
+                        backoff.reset()
+                        metrics.DRIVER_CONNECTED.labels(eq.id).set(1)
+                        state.update(connected=True, error=None, last_success=iso(utcnow()))
+                        monitor.on_connection(eq.id, ConnectionState(True))
+                        async for ev in driver.events():
+                            if type(ev) is Reading:
+                                monitor.on_reading(eq.id, ev)
+                            elif isinstance(ev, QualityResult):
+                                await monitor.on_quality(eq.id, ev)
+                            else:
+                                if isinstance(ev, ConnectionState):
+                                    state["connected"] = ev.connected
+                                    state["error"] = ev.error
+                                    metrics.DRIVER_CONNECTED.labels(eq.id).set(int(ev.connected))
+                                monitor.on_event(eq.id, ev)
+                        error = "the driver's event stream ended"
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:
+                    error = describe(err)
+                    if not isinstance(err, (OSError, ConnectionError, TimeoutError)):
+                        dlog.warning(
+                            "driver_failed",
+                            error=error,
+                            error_type=type(err).__name__,
+                            exc_info=transitions.up is not False,
+                        )
+                finally:
+                    self.drivers.pop(eq.id, None)
+                metrics.DRIVER_CONNECTED.labels(eq.id).set(0)
+                metrics.DRIVER_RECONNECTS.labels(eq.id).inc()
+                state.update(connected=False, error=error)
+                transitions.mark_down(error or "disconnected")
+                monitor.on_connection(eq.id, ConnectionState(False, error))
+                await asyncio.sleep(backoff.next())
+        finally:
+            self.drivers.pop(eq.id, None)
+
+    # -- reload
+
+    async def reload(self) -> None:
+        """SIGHUP: validate the file again and restart only what changed; an invalid file changes nothing."""
+        path = self.cfg.path
+        assert path is not None
+        try:
+            new = await asyncio.to_thread(load_config, path)
+        except ConfigError as err:
+            log.error("reload_refused", problems=err.problems)
+            return
+        old = self.cfg
+        if (new.agent.id, new.agent.site, new.agent.state_dir, new.mqtt.topic_prefix) != (
+            old.agent.id,
+            old.agent.site,
+            old.agent.state_dir,
+            old.mqtt.topic_prefix,
+        ):
+            log.error(
+                "reload_refused",
+                problems=["agent.id, agent.site, agent.state_dir and mqtt.topic_prefix need a restart"],
+            )
+            return
+        configure_logging(new.agent.log_level, new.agent.log_format)
+        old_eq = {e.id: e for e in old.equipment}
+        new_eq = {e.id: e for e in new.equipment}
+        changed = [eid for eid, e in new_eq.items() if eid in old_eq and _dump(old_eq[eid]) != _dump(e)]
+        removed = [eid for eid in old_eq if eid not in new_eq]
+        added = [eid for eid in new_eq if eid not in old_eq]
+        for eid in changed + removed:
+            task = self.driver_tasks.pop(eid, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self.cfg = new
+        assert self.monitor is not None and self.router is not None
+        self.monitor.apply_config(new, self._stale_defaults(new))
+        self.router.cfg = new
+        self.store.max_messages = new.mqtt.buffer_max_messages
+        for eid in changed + added:
+            self._start_driver(new_eq[eid])
+        mqtt_changed = _dump(old.mqtt) != _dump(new.mqtt) or old.mqtt._secrets != new.mqtt._secrets
+        if mqtt_changed and self.mqtt is not None:
+            self.mqtt.request_stop()
+            if self._mqtt_task is not None:
+                await asyncio.gather(self._mqtt_task, return_exceptions=True)
+            self._start_mqtt()
+        for ext in self.extensions:
+            if hasattr(ext, "reload"):
+                await ext.reload(old, new)
+        log.info("reloaded", changed=changed, added=added, removed=removed, mqtt_restarted=mqtt_changed)
+
+
+def _dump(model: Any) -> Any:
+    return model.model_dump(mode="json")
+
+
+def run_daemon(path: Path) -> int:
+    """`edge-agent run`: load the config, run the daemon, map failures to the contract's exit codes."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as err:
+        configure_logging()
+        for line in err.problems:
+            log.error("config_invalid", problem=line)
+        return 2
+    configure_logging(cfg.agent.log_level, cfg.agent.log_format)
+    try:
+        return asyncio.run(Supervisor(cfg).run())
+    except Exception:
+        log.exception("fatal")
+        return 1

@@ -1,0 +1,1 @@
+"""Protocol drivers: one module per protocol, each registering itself by name."""
