@@ -598,7 +598,12 @@ def parse_config(text: str, path: Path, *, resolve_secrets: bool = True) -> Agen
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError([f"{path.name}: {err}"]) from err
+        # tomllib says "... (at line N, column M)"; the contract's form is "(line N, column M)".
+        msg = re.sub(r"\s*\(at line (\d+), column (\d+)\)$", r" (line \1, column \2)", str(err))
+        if msg == str(err) and (m := re.search(r"\(at end of document\)$", msg)):
+            lines = text.count("\n") + 1
+            msg = msg[: m.start()].rstrip() + f" (line {lines}, column 1)"
+        raise ConfigError([f"{path.name}: {msg}"]) from err
     locator = KeyLocator(text)
     problems: list[Problem] = []
     agent = data.get("agent")
@@ -612,23 +617,38 @@ def parse_config(text: str, path: Path, *, resolve_secrets: bool = True) -> Agen
 
     names: list[str] = []
     eq_list = data.get("equipment", [])
+    keep: list[int] = []  # equipment indexes whose driver is usable; the others are reported here
     if isinstance(eq_list, list):
-        for item in eq_list:
-            if isinstance(item, dict) and isinstance(item.get("driver"), str):
-                d = item["driver"]
-                if d in known_drivers() and d not in names:
-                    try:
-                        get_driver(d)
-                    except Exception as err:
-                        problems.append(Problem(("equipment",), f"driver {d!r} failed to load: {err}"))
-                        continue
-                    names.append(d)
+        for i, item in enumerate(eq_list):
+            d = item.get("driver") if isinstance(item, dict) else None
+            if not isinstance(item, dict) or d is None:
+                keep.append(i)  # pydantic reports the missing or mistyped driver
+                continue
+            if not isinstance(d, str) or d not in known_drivers():
+                problems.append(
+                    Problem(("equipment", i, "driver"), f"unknown driver {d!r} (known: {', '.join(known_drivers())})")
+                )
+                continue
+            try:
+                get_driver(d)
+            except Exception as err:
+                problems.append(Problem(("equipment", i, "driver"), f"driver {d!r} failed to load: {err}"))
+                continue
+            keep.append(i)
+            if d not in names:
+                names.append(d)
+        data = {**data, "equipment": [eq_list[i] for i in keep]}
     model = equipment_model(tuple(sorted(names)))
     try:
         cfg = model.model_validate(data)
     except ValidationError as err:
-        problems.extend(_pydantic_problems(err, data))
+        for p in _pydantic_problems(err, data):
+            if len(p.path) >= 2 and p.path[0] == "equipment" and isinstance(p.path[1], int) and p.path[1] < len(keep):
+                p.path = ("equipment", keep[p.path[1]], *p.path[2:])
+            problems.append(p)
         raise ConfigError(_format(problems, locator)) from None
+    if problems:
+        raise ConfigError(_format(problems, locator))
     assert isinstance(cfg, AgentConfig)
     cfg._path = path
     base = path.resolve().parent

@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -151,8 +152,8 @@ class Recorder:
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if not rc.is_failure:
-            for t in self.topics:
-                client.subscribe(t, qos=1)
+            # retainAsPublished: see the retain flag as the publisher set it, not as mosquitto forwards it
+            client.subscribe([(t, SubscribeOptions(qos=1, retainAsPublished=True)) for t in self.topics])
             self.connected.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
