@@ -21,8 +21,8 @@ from agent import metrics
 from agent.config import AgentConfig, CommandBase, EquipmentConfig
 from agent.errors import CommandError
 from agent.model import CommandResult, iso, json_safe, parse_iso, utcnow
+from agent.monitor import Sink
 from agent.mqtt import Incoming
-from agent.store import Store
 from drivers.base import Driver
 from drivers.registry import get_driver
 
@@ -40,7 +40,7 @@ class CommandRouter:
     def __init__(
         self,
         cfg: AgentConfig,
-        store: Store,
+        store: Sink,
         status_of: Callable[[str], str | None],
         driver_of: Callable[[str], Driver | None],
     ) -> None:
@@ -63,6 +63,8 @@ class CommandRouter:
             result = await self._run(eid, name, params)
             status = 200 if result.success else 422
             reason = None if result.success else "refused"
+            if not result.success:
+                result.data.setdefault("reason", "refused")
         except CommandError as err:
             result = CommandResult(False, str(err), {"reason": err.reason})
             status = err.http_status

@@ -604,7 +604,14 @@ def parse_config(text: str, path: Path, *, resolve_secrets: bool = True) -> Agen
             lines = text.count("\n") + 1
             msg = msg[: m.start()].rstrip() + f" (line {lines}, column 1)"
         raise ConfigError([f"{path.name}: {msg}"]) from err
-    locator = KeyLocator(text)
+    return validate_data(data, path, KeyLocator(text), resolve_secrets=resolve_secrets)
+
+
+def validate_data(
+    data: dict[str, Any], path: Path, locator: KeyLocator | None = None, *, resolve_secrets: bool = True
+) -> AgentConfig:
+    """Validate an already parsed config; `path` anchors relative paths, `locator` gives line numbers."""
+    locator = locator or KeyLocator("")
     problems: list[Problem] = []
     agent = data.get("agent")
     modules: list[str] = []

@@ -12,9 +12,9 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -31,11 +31,33 @@ from agent.model import (
     json_safe,
     utcnow,
 )
-from agent.store import Store
 
 log = structlog.get_logger("edge_agent.monitor")
 
 MAX_VALUES_PER_MESSAGE = 1000
+
+
+class Sink(Protocol):
+    """Where the monitor's messages and bookkeeping go: the durable store, or memory for the Python API."""
+
+    def append(
+        self,
+        kind: str,
+        topic: str,
+        payload: dict[str, Any],
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> int: ...
+
+    def append_many(self, items: Iterable[tuple[str, str, dict[str, Any], int, bool]]) -> None: ...
+
+    def set_state(self, key: str, value: Any) -> None: ...
+
+    def state_items(self, prefix: str) -> dict[str, Any]: ...
+
+
 StatusListener = Callable[[str, EquipmentStatus, EquipmentStatus | None], None]
 
 
@@ -100,7 +122,7 @@ class EquipmentState:
 class Monitor:
     """Per-equipment state, fed by drivers, writing messages to the store."""
 
-    def __init__(self, cfg: AgentConfig, store: Store, stale_defaults: dict[str, float] | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, store: Sink, stale_defaults: dict[str, float] | None = None) -> None:
         self.store = store
         self.cfg = cfg
         self.equipment: dict[str, EquipmentState] = {}

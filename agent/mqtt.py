@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import metrics
 from agent.config import AgentConfig
@@ -238,9 +239,12 @@ class MqttSink:
         if self._replay_upto:
             log.info("mqtt_replay", messages=self.store.depth)
         client.publish(f"{self.root}/state", dumps(self.birth()), qos=1, retain=True)
+        # retainAsPublished: a request published with retain is recognised (and refused) even when live.
+        opts = SubscribeOptions(qos=1, retainAsPublished=True)
+        topics = [(f"{self.root}/cmd/rebirth", opts)]
         if m.commands_enabled:
-            client.subscribe(f"{self.root}/equipment/+/cmd/+", qos=1)
-        client.subscribe(f"{self.root}/cmd/rebirth", qos=1)
+            topics.append((f"{self.root}/equipment/+/cmd/+", opts))
+        client.subscribe(topics)
         self._on_connected()
         try:
             await self._pump(stop)

@@ -161,61 +161,11 @@ class Supervisor:
         self.driver_tasks[eq.id] = self._tg.create_task(self._drive(eq), name=f"driver[{eq.id}]")
 
     async def _drive(self, eq: EquipmentConfig) -> None:
-        """Keep one equipment's driver connected: the one reconnect loop for every driver."""
         assert self.monitor is not None
-        monitor = self.monitor
-        cls = get_driver(eq.driver)
-        ctx = DriverContext(state_dir=self.cfg.agent.state_dir, reconnect_max_s=self.cfg.agent.reconnect_max_s)
-        backoff = Backoff(self.cfg.agent.reconnect_max_s)
-        dlog = log.bind(equipment_id=eq.id, driver=eq.driver)
-        transitions = Transitions(dlog, "driver")
         state = self.driver_state.setdefault(eq.id, {"connected": False, "last_success": None, "error": None})
-        monitor.on_connection(eq.id, ConnectionState(False, "connecting"))
-        try:
-            while True:
-                driver = cls(eq, ctx)
-                error: str | None = None
-                try:
-                    async with driver:
-                        self.drivers[eq.id] = driver
-                        transitions.mark_up()
-                        backoff.reset()
-                        metrics.DRIVER_CONNECTED.labels(eq.id).set(1)
-                        state.update(connected=True, error=None, last_success=iso(utcnow()))
-                        monitor.on_connection(eq.id, ConnectionState(True))
-                        async for ev in driver.events():
-                            if type(ev) is Reading:
-                                monitor.on_reading(eq.id, ev)
-                            elif isinstance(ev, QualityResult):
-                                await monitor.on_quality(eq.id, ev)
-                            else:
-                                if isinstance(ev, ConnectionState):
-                                    state["connected"] = ev.connected
-                                    state["error"] = ev.error
-                                    metrics.DRIVER_CONNECTED.labels(eq.id).set(int(ev.connected))
-                                monitor.on_event(eq.id, ev)
-                        error = "the driver's event stream ended"
-                except asyncio.CancelledError:
-                    raise
-                except Exception as err:
-                    error = describe(err)
-                    if not isinstance(err, (OSError, ConnectionError, TimeoutError)):
-                        dlog.warning(
-                            "driver_failed",
-                            error=error,
-                            error_type=type(err).__name__,
-                            exc_info=transitions.up is not False,
-                        )
-                finally:
-                    self.drivers.pop(eq.id, None)
-                metrics.DRIVER_CONNECTED.labels(eq.id).set(0)
-                metrics.DRIVER_RECONNECTS.labels(eq.id).inc()
-                state.update(connected=False, error=error)
-                transitions.mark_down(error or "disconnected")
-                monitor.on_connection(eq.id, ConnectionState(False, error))
-                await asyncio.sleep(backoff.next())
-        finally:
-            self.drivers.pop(eq.id, None)
+        await drive_equipment(
+            eq, self.monitor, self.drivers, state, self.cfg.agent.state_dir, self.cfg.agent.reconnect_max_s
+        )
 
     # -- reload
 
@@ -268,6 +218,81 @@ class Supervisor:
             if hasattr(ext, "reload"):
                 await ext.reload(old, new)
         log.info("reloaded", changed=changed, added=added, removed=removed, mqtt_restarted=mqtt_changed)
+
+
+async def drive_equipment(
+    eq: EquipmentConfig,
+    monitor: Monitor,
+    live: dict[str, Driver],
+    state: dict[str, Any],
+    state_dir: Path,
+    reconnect_max_s: float,
+    connected: Driver | None = None,
+) -> None:
+    """Keep one equipment's driver connected and its events flowing: the one reconnect loop for every driver.
+
+    `live` holds the driver while it is connected (commands go to it); `connected` is a driver already
+    entered by the caller, used for the first round.
+    """
+    cls = get_driver(eq.driver)
+    ctx = DriverContext(state_dir=state_dir, reconnect_max_s=reconnect_max_s)
+    backoff = Backoff(reconnect_max_s)
+    dlog = log.bind(equipment_id=eq.id, driver=eq.driver)
+    transitions = Transitions(dlog, "driver")
+    if connected is None:
+        monitor.on_connection(eq.id, ConnectionState(False, "connecting"))
+    try:
+        while True:
+            driver = connected or cls(eq, ctx)
+            error: str | None = None
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    if connected is None:
+                        await stack.enter_async_context(driver)
+                    else:
+                        stack.push_async_exit(driver)
+                        connected = None
+                    live[eq.id] = driver
+                    transitions.mark_up()
+                    backoff.reset()
+                    metrics.DRIVER_CONNECTED.labels(eq.id).set(1)
+                    state.update(connected=True, error=None, last_success=iso(utcnow()))
+                    monitor.on_connection(eq.id, ConnectionState(True))
+                    async for ev in driver.events():
+                        if type(ev) is Reading:
+                            monitor.on_reading(eq.id, ev)
+                        elif isinstance(ev, QualityResult):
+                            await monitor.on_quality(eq.id, ev)
+                        else:
+                            if isinstance(ev, ConnectionState):
+                                state["connected"] = ev.connected
+                                state["error"] = ev.error
+                                if ev.connected:
+                                    state["last_success"] = iso(utcnow())
+                                metrics.DRIVER_CONNECTED.labels(eq.id).set(int(ev.connected))
+                            monitor.on_event(eq.id, ev)
+                    error = "the driver's event stream ended"
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                error = describe(err)
+                if not isinstance(err, (OSError, ConnectionError, TimeoutError)):
+                    dlog.warning(
+                        "driver_failed",
+                        error=error,
+                        error_type=type(err).__name__,
+                        exc_info=transitions.up is not False,
+                    )
+            finally:
+                live.pop(eq.id, None)
+            metrics.DRIVER_CONNECTED.labels(eq.id).set(0)
+            metrics.DRIVER_RECONNECTS.labels(eq.id).inc()
+            state.update(connected=False, error=error)
+            transitions.mark_down(error or "disconnected")
+            monitor.on_connection(eq.id, ConnectionState(False, error))
+            await asyncio.sleep(backoff.next())
+    finally:
+        live.pop(eq.id, None)
 
 
 def _dump(model: Any) -> Any:
