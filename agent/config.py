@@ -583,7 +583,9 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
     fix(cfg)
 
 
-def _format(problems: list[Problem], locator: KeyLocator) -> list[str]:
+def _format(problems: list[Problem], text: str) -> list[str]:
+    # Keys are located only when there is something to report: a valid file never pays for it.
+    locator = KeyLocator(text)
     out = []
     for p in problems:
         line = locator.line_of(p.path)
@@ -604,14 +606,13 @@ def parse_config(text: str, path: Path, *, resolve_secrets: bool = True) -> Agen
             lines = text.count("\n") + 1
             msg = msg[: m.start()].rstrip() + f" (line {lines}, column 1)"
         raise ConfigError([f"{path.name}: {msg}"]) from err
-    return validate_data(data, path, KeyLocator(text), resolve_secrets=resolve_secrets)
+    return validate_data(data, path, text, resolve_secrets=resolve_secrets)
 
 
 def validate_data(
-    data: dict[str, Any], path: Path, locator: KeyLocator | None = None, *, resolve_secrets: bool = True
+    data: dict[str, Any], path: Path, text: str = "", *, resolve_secrets: bool = True
 ) -> AgentConfig:
-    """Validate an already parsed config; `path` anchors relative paths, `locator` gives line numbers."""
-    locator = locator or KeyLocator("")
+    """Validate an already parsed config; `path` anchors relative paths, `text` (the TOML) gives line numbers."""
     problems: list[Problem] = []
     agent = data.get("agent")
     modules: list[str] = []
@@ -653,9 +654,9 @@ def validate_data(
             if len(p.path) >= 2 and p.path[0] == "equipment" and isinstance(p.path[1], int) and p.path[1] < len(keep):
                 p.path = ("equipment", keep[p.path[1]], *p.path[2:])
             problems.append(p)
-        raise ConfigError(_format(problems, locator)) from None
+        raise ConfigError(_format(problems, text)) from None
     if problems:
-        raise ConfigError(_format(problems, locator))
+        raise ConfigError(_format(problems, text))
     assert isinstance(cfg, AgentConfig)
     cfg._path = path
     base = path.resolve().parent
@@ -671,7 +672,7 @@ def validate_data(
             if isinstance(eq.connection, SecretHolder):
                 eq.connection.resolve_secrets(base, ("equipment", i, "connection"), problems)
     if problems:
-        raise ConfigError(_format(problems, locator))
+        raise ConfigError(_format(problems, text))
     return cfg
 
 

@@ -54,6 +54,10 @@ class _MemorySink:
         for _ in items:
             self.seq += 1
 
+    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None:
+        for _ in items:
+            self.seq += 1
+
     def set_state(self, key: str, value: Any) -> None:
         if value is None:
             self.state.pop(key, None)

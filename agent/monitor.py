@@ -9,11 +9,13 @@ message to the durable store, from which the MQTT sink sends it.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
@@ -53,6 +55,8 @@ class Sink(Protocol):
 
     def append_many(self, items: Iterable[tuple[str, str, dict[str, Any], int, bool]]) -> None: ...
 
+    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None: ...
+
     def set_state(self, key: str, value: Any) -> None: ...
 
     def state_items(self, prefix: str) -> dict[str, Any]: ...
@@ -70,6 +74,26 @@ def status_key(value: Any) -> str:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def encode_value(value: Any) -> str:
+    """A value as strict JSON text (NaN and infinities as strings), fast for the common scalars."""
+    t = type(value)
+    if t is float:
+        if value != value:
+            return '"NaN"'
+        if value in (math.inf, -math.inf):
+            return '"Infinity"' if value > 0 else '"-Infinity"'
+        return repr(value)
+    if t is int:
+        return str(value)
+    if t is bool:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if t is str:
+        return json.dumps(value)
+    return json.dumps(json_safe(value), default=str)
 
 
 def _number(value: Any) -> float | None:
@@ -106,7 +130,7 @@ class EquipmentState:
     connection_error: str | None = None
     values: dict[str, Reading] = field(default_factory=dict)
     reported: dict[str, tuple[Any, str]] = field(default_factory=dict)
-    pending: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # values as JSON text, encoded once on arrival
     fact: StatusFact | None = None
     status_value_at: float | None = None
     last_value_at: float | None = None
@@ -117,6 +141,8 @@ class EquipmentState:
     alerts: dict[str, list[tuple[AlertConfig, str]]] = field(default_factory=dict)
     deadband: dict[str, float] = field(default_factory=dict)
     units: dict[str, str | None] = field(default_factory=dict)
+    # tag -> the JSON text of '"tag":..,' and '"unit":..' shared by every value of that tag
+    tag_json: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 class Monitor:
@@ -129,6 +155,9 @@ class Monitor:
         self.status_listeners: list[StatusListener] = []
         self.quality_handler: Callable[[str, dict[str, Any], str], Awaitable[tuple[bool, str]]] | None = None
         self._stale_defaults = stale_defaults or {}
+        # Sources stamp many values with one timestamp object: format it once.
+        self._last_ts: datetime | None = None
+        self._last_iso = ""
         self.apply_config(cfg)
 
     # -- configuration
@@ -182,6 +211,7 @@ class Monitor:
         st.active_alerts = {k: v for k, v in persisted.items() if k in keys}
         st.deadband = {t.name: t.deadband for t in eq.tags}
         st.units = {t.name: t.unit for t in eq.tags}
+        st.tag_json = {t.name: (json.dumps(t.name), json.dumps(t.unit)) for t in eq.tags}
 
     # -- events
 
@@ -208,8 +238,15 @@ class Monitor:
         last = st.reported.get(tag)
         if last is None or last[1] != r.quality or _changed(r.value, last[0], st.deadband.get(tag, 0.0)):
             st.reported[tag] = (r.value, r.quality)
+            names = st.tag_json.get(tag)
+            if names is None:
+                names = st.tag_json[tag] = (json.dumps(tag), "null")
+            ts = r.ts
+            if ts is not self._last_ts:
+                self._last_ts, self._last_iso = ts, iso(ts)
             st.pending.append(
-                {"tag": tag, "value": r.value, "unit": st.units.get(tag), "ts": iso(r.ts), "quality": r.quality}
+                f'{{"tag":{names[0]},"value":{encode_value(r.value)},"unit":{names[1]},'
+                f'"ts":"{self._last_iso}","quality":"{r.quality}"}}'
             )
         if tag in st.roles:
             if "tag" in st.roles[tag]:
@@ -403,7 +440,7 @@ class Monitor:
 
     def flush(self) -> int:
         """Write pending telemetry as batched messages; return the number of values written."""
-        batch: list[tuple[str, str, dict[str, Any], int, bool]] = []
+        batch: list[tuple[str, str, str, int, bool]] = []
         count = 0
         for st in self.equipment.values():
             if not st.pending:
@@ -412,13 +449,12 @@ class Monitor:
             count += len(pending)
             metrics.DRIVER_VALUES.labels(st.cfg.id).inc(len(pending))
             topic = f"{self._root}/equipment/{st.cfg.id}/telemetry"
-            now = iso(utcnow())
+            head = f'{{"equipment_id":{json.dumps(st.cfg.id)},"timestamp":"{iso(utcnow())}","values":['
             for i in range(0, len(pending), MAX_VALUES_PER_MESSAGE):
-                values = pending[i : i + MAX_VALUES_PER_MESSAGE]
-                payload = {"equipment_id": st.cfg.id, "timestamp": now, "values": values}
-                batch.append(("telemetry", topic, payload, self._qos, False))
+                body = head + ",".join(pending[i : i + MAX_VALUES_PER_MESSAGE]) + "]"
+                batch.append(("telemetry", topic, body, self._qos, False))
         if batch:
-            self.store.append_many(batch)
+            self.store.append_encoded(batch)
         return count
 
     def tick(self) -> None:

@@ -34,7 +34,9 @@ from agent.store import Store, StoredMessage, dumps
 
 log = structlog.get_logger("edge_agent.mqtt")
 
-WINDOW = 100  # messages handed to paho and not yet acknowledged
+WINDOW = 200  # messages handed to paho and not yet acknowledged
+DELETE_BATCH = 500
+DELETE_DELAY_S = 0.05
 HISTORICAL = b',"is_historical":true}'
 
 
@@ -85,6 +87,9 @@ class MqttSink:
         self._last_sent = 0
         self._replay_upto = 0
         self._stop = asyncio.Event()
+        self._ack_signalled = False
+        self._to_delete: list[int] = []
+        self._delete_due = 0.0
         self._connack_ok = asyncio.Event()
         self.transitions = Transitions(log, "mqtt")
         store.add_listener(self._wake.set)
@@ -104,8 +109,11 @@ class MqttSink:
     def _cb_publish(self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
         if client is self._client:
             self._acks.append(mid)
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._wake.set)
+            # One wake-up per batch of acks, not one per ack: the loop drains the whole deque.
+            if not self._ack_signalled:
+                self._ack_signalled = True
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -158,7 +166,7 @@ class MqttSink:
             client.tls_set_context(ctx)
         offline = {"online": False, "agent_id": self.cfg.agent.id, "site": self.cfg.agent.site, "session": self.session}
         client.will_set(f"{self.root}/state", dumps(offline), qos=1, retain=True)
-        client.max_inflight_messages_set(20)
+        client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)
         client.on_connect = self._cb_connect
         client.on_disconnect = self._cb_disconnect
@@ -249,6 +257,8 @@ class MqttSink:
         try:
             await self._pump(stop)
         finally:
+            self._handle_acks()
+            self._flush_deletes()
             self.connected = False
             self.down_since = time.monotonic()
             metrics.MQTT_CONNECTED.set(0)
@@ -260,6 +270,8 @@ class MqttSink:
         while not self._lost.is_set():
             self._wake.clear()
             self._handle_acks()
+            if self._to_delete and (stop.is_set() or time.monotonic() >= self._delete_due):
+                self._flush_deletes()
             if stop.is_set():
                 if deadline is None:
                     deadline = time.monotonic() + self.cfg.agent.shutdown_grace_s
@@ -272,8 +284,11 @@ class MqttSink:
                     self._send(client, msg)
                     if self._lost.is_set():
                         return
-            if deadline is None:
+            if deadline is None and not self._to_delete:
                 await self._wake.wait()
+            elif deadline is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(0.001, self._delete_due - time.monotonic()))
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=max(0.01, min(0.1, deadline - time.monotonic())))
@@ -285,6 +300,7 @@ class MqttSink:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.to_thread(info.wait_for_publish, 2.0), timeout=3.0)
         self._handle_acks()
+        self._flush_deletes()
         if self.store.depth:
             log.warning("mqtt_stopped_with_backlog", messages=self.store.depth)
         log.info("mqtt_disconnected_cleanly")
@@ -313,6 +329,7 @@ class MqttSink:
             self._inflight[info.mid] = msg
 
     def _handle_acks(self) -> None:
+        self._ack_signalled = False
         done = []
         while self._acks:
             mid = self._acks.popleft()
@@ -323,9 +340,22 @@ class MqttSink:
             self._done(done)
 
     def _done(self, msgs: list[StoredMessage]) -> None:
-        self.store.delete([m.id for m in msgs])
+        # Deleted in batches: a message acknowledged but not yet deleted is at worst sent twice after a crash.
+        if not self._to_delete:
+            self._delete_due = time.monotonic() + DELETE_DELAY_S
+        kinds: dict[str, int] = {}
         for m in msgs:
-            metrics.MQTT_PUBLISHED.labels(m.kind).inc()
+            self._to_delete.append(m.id)
+            kinds[m.kind] = kinds.get(m.kind, 0) + 1
+        for kind, n in kinds.items():
+            metrics.MQTT_PUBLISHED.labels(kind).inc(n)
+        if len(self._to_delete) >= DELETE_BATCH:
+            self._flush_deletes()
+
+    def _flush_deletes(self) -> None:
+        if self._to_delete:
+            ids, self._to_delete = self._to_delete, []
+            self.store.delete(ids)
 
     async def _close_client(self) -> None:
         client, self._client = self._client, None

@@ -68,6 +68,16 @@ def dumps(payload: dict[str, Any]) -> bytes:
         return json.dumps(json_safe(payload), separators=(",", ":"), allow_nan=False, default=str).encode()
 
 
+_RAW = "\0raw"  # key of a payload given as pre-encoded JSON text (see append_encoded)
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    raw = payload.get(_RAW)
+    if raw is not None:
+        return f'{raw},"seq":{payload["seq"]}}}'.encode()
+    return dumps(payload)
+
+
 def _is_disk_full(err: sqlite3.Error) -> bool:
     text = str(err).lower()
     return "full" in text or "disk i/o" in text or getattr(err, "sqlite_errorcode", 0) == 13
@@ -217,11 +227,20 @@ class Store:
         if rows:
             self._write(rows)
 
+    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None:
+        """Append messages whose JSON body is already text, an object missing its closing brace;
+        the store adds `"seq"` and the brace (telemetry, encoded value by value as it arrives)."""
+        rows: list[tuple[str, str, dict[str, Any], int, bool, str | None, bytes | None]] = []
+        for kind, topic, body, qos, retain in items:
+            rows.append((kind, topic, {"seq": self.next_seq(), _RAW: body}, qos, retain, None, None))
+        if rows:
+            self._write(rows)
+
     def _write(self, rows: list[tuple[str, str, dict[str, Any], int, bool, str | None, bytes | None]]) -> None:
         pending = self._unwritten + rows
         self._unwritten = []
         encoded = [
-            (p["seq"], kind, topic, dumps(p), qos, int(retain), rt, corr)
+            (p["seq"], kind, topic, _encode(p), qos, int(retain), rt, corr)
             for kind, topic, p, qos, retain, rt, corr in pending
         ]
         for attempt in range(2):

@@ -1,12 +1,16 @@
 """A scripted driver for tests and benchmarks, loaded into a daemon through `driver_modules`.
 
 The test appends JSON lines to the file named by `connection.script`; the driver turns each into an
-event. Lines: `{"tag": t, "value": v, "quality"?: q, "ts"?: iso}` a reading; `{"op": "disconnect",
-"error": e}` the link breaks; `{"op": "status", "status": s, ...}` a status fact; `{"op": "quality",
-"result": {...}, "key": k}` a quality result; `{"op": "burst", "tags": n, "rounds": m}` n x m readings
-as fast as possible. While the file `connection.down_file` exists, connecting fails. Commands are
-appended to `<script>.commands.jsonl`. The read offset is kept in the state folder, so a restarted
-daemon goes on where the previous one stopped.
+event:
+- `{"tag": t, "value": v, "quality"?: q, "ts"?: iso}`: a reading;
+- `{"op": "disconnect", "error": e}`: the link breaks;
+- `{"op": "status", "status": s, ...}`: a status fact;
+- `{"op": "quality", "result": {...}, "key": k}`: a quality result;
+- `{"op": "burst", "tags": n, "rounds": m}`: n x m readings as fast as possible;
+- `{"op": "status_burst", "count": n}`: n status changes.
+While the file `connection.down_file` exists, connecting fails. Commands are appended to
+`<script>.commands.jsonl`. The read offset is kept in the state folder, so a restarted daemon goes
+on where the previous one stopped.
 """
 
 from __future__ import annotations
@@ -94,18 +98,26 @@ class ScriptedDriver(Driver):
                     yield QualityResult(item["result"], item["key"], fut)
                     await fut
                 elif op == "burst":
-                    for event in self._burst(int(item["tags"]), int(item["rounds"])):
+                    async for event in self._burst(int(item["tags"]), int(item["rounds"])):
                         yield event
+                elif op == "status_burst":
+                    for i in range(int(item["count"])):
+                        yield StatusFact(status="running", progress=float(i % 2), current_operation=f"op-{i}")
+                        if i % 500 == 0:
+                            await asyncio.sleep(0)
                 self.offset = end
             self._save_offset()
 
-    def _burst(self, tags: int, rounds: int) -> list[Reading]:
-        out = []
+    async def _burst(self, tags: int, rounds: int) -> AsyncIterator[Reading]:
+        """Every tag changes every round; the loop is given a turn now and then, as a real source does."""
+        names = [f"t{t}" for t in range(tags)]
         for r in range(rounds):
             ts = utcnow()
-            for t in range(tags):
-                out.append(Reading(f"t{t}", r * 1.0 + t, ts))
-        return out
+            for t, name in enumerate(names):
+                yield Reading(name, r * 1.0 + t, ts)
+                if t % 1000 == 999:
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0)
 
     def _read_lines(self) -> list[tuple[int, str]]:
         try:

@@ -147,3 +147,35 @@ def test_nan_json_is_strict(tmp_path: Path, broker: Broker) -> None:
     finally:
         daemon.stop()
         rec.close()
+
+
+def test_heartbeat_stale_and_rebirth(tmp_path: Path, broker: Broker) -> None:
+    script = tmp_path / "s.jsonl"
+    body = scripted_equipment("m1", script).replace('driver = "scripted"', 'driver = "scripted"\nstale_after_s = 0.5')
+    cfg = write_config(tmp_path, broker.port, body, mqtt_extra="").read_text()
+    cfg = cfg.replace("status_heartbeat_s = 60", "status_heartbeat_s = 0.3")
+    path = tmp_path / "agent.toml"
+    path.write_text(cfg)
+    rec = Recorder(broker.port, [f"{R}/#"])
+    daemon = Daemon(path).start()
+    try:
+        script_line(script, tag="state", value=1)
+        rec.wait_for(lambda ms: [m for m in ms if m.topic.endswith("/status") and m.json["status"] == "running"])
+        # no status-tag value for longer than stale_after_s: unknown, marked stale
+        stale = rec.wait_for(
+            lambda ms: [m for m in ms if m.topic.endswith("/status") and m.json["metadata"].get("stale")], "stale"
+        )
+        assert stale[-1].json["status"] == "unknown"
+        # heartbeats: the same status republished, with new seq
+        rec.wait_for(
+            lambda ms: len([m for m in ms if m.topic.endswith("/status") and m.json["status"] == "unknown"]) >= 3
+        )
+        script_line(script, tag="state", value=0)
+        rec.wait_for(lambda ms: [m for m in ms if m.topic.endswith("/status") and m.json["status"] == "idle"])
+        births = len([m for m in rec.messages if m.topic == f"{R}/state"])
+        rec.publish(f"{R}/cmd/rebirth", b"")
+        rec.wait_for(lambda ms: len([m for m in ms if m.topic == f"{R}/state"]) > births, "rebirth")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        rec.close()

@@ -1,0 +1,224 @@
+"""Pipeline benchmark: the scripted source as fast as it can, through monitor, store and MQTT.
+
+Run: `.venv/bin/python bench/bench_pipeline.py` (starts its own mosquitto on a free port).
+Prints values/s end to end with the daemon's CPU and RSS, the store's replay rate after an outage,
+and RSS growth over the import baseline with 10,000 tags.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from peers import Broker, Daemon, Recorder, script_line, wait_until
+
+R = "edge/bench/cell-b"
+
+
+def config(tmp: Path, port: int, script: Path, tags: int, interval: float) -> Path:
+    tag_tables = "".join(f'[[equipment.tags]]\nname = "t{i}"\n' for i in range(tags))
+    text = f"""
+[agent]
+id = "cell-b"
+site = "bench"
+state_dir = "state"
+log_level = "info"
+reconnect_max_s = 0.5
+driver_modules = ["scripted_driver"]
+[mqtt]
+url = "mqtt://127.0.0.1:{port}"
+telemetry_interval_s = {interval}
+status_heartbeat_s = 3600
+buffer_max_messages = 10000000
+[http]
+listen = "127.0.0.1:0"
+[[equipment]]
+id = "src"
+driver = "scripted"
+[equipment.connection]
+script = "{script}"
+{tag_tables}
+"""
+    path = tmp / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def count_values(rec: Recorder) -> int:
+    with rec.lock:
+        msgs = list(rec.messages)
+    return sum(m.payload.count(b'"tag":') for m in msgs if m.topic.endswith("/telemetry"))
+
+
+def throughput(tmp: Path) -> dict[str, float]:
+    broker = Broker(tmp / "broker")
+    broker.start()
+    script = tmp / "src.jsonl"
+    tags, rounds = 1000, 200
+    cfg = config(tmp, broker.port, script, tags, 0.05)
+    rec = Recorder(broker.port, [f"{R}/equipment/+/telemetry"], clean=True)
+    daemon = Daemon(cfg).start()
+    try:
+        proc = psutil.Process(daemon.proc.pid)  # type: ignore[union-attr]
+        script_line(script, tag="t0", value=-1.0)
+        wait_until(lambda: count_values(rec) >= 1, what="first value")
+        total = tags * rounds
+        cpu0 = sum(proc.cpu_times()[:2])
+        t0 = time.perf_counter()
+        script_line(script, op="burst", tags=tags, rounds=rounds)
+        peak = 0
+        while count_values(rec) < total + 1:
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.05)
+            if time.perf_counter() - t0 > 300:
+                raise RuntimeError("burst did not arrive")
+        elapsed = time.perf_counter() - t0
+        cpu = sum(proc.cpu_times()[:2]) - cpu0
+        return {
+            "values": total,
+            "values_per_s": total / elapsed,
+            "cpu_percent_of_core": 100 * cpu / elapsed,
+            "cpu_us_per_value": 1e6 * cpu / total,
+            "peak_rss_mib": peak / 2**20,
+        }
+    finally:
+        daemon.stop()
+        rec.close()
+        broker.stop()
+
+
+def replay(tmp: Path) -> dict[str, float]:
+    broker = Broker(tmp / "broker2")
+    broker.start()
+    script = tmp / "rp.jsonl"
+    (tmp / "rp").mkdir()
+    cfg = config(tmp / "rp", broker.port, script, 1, 0.05)
+    count = 20_000
+    rec = Recorder(broker.port, [f"{R}/equipment/+/status"], clean=False)
+    daemon = Daemon(cfg).start()
+    try:
+        script_line(script, op="status", status="idle")
+        wait_until(lambda: len(rec.messages) >= 1, what="first status")
+        broker.stop()
+        script_line(script, op="status_burst", count=count)
+        db = tmp / "rp" / "state" / "store.sqlite"
+
+        def stored() -> int:
+            import sqlite3
+
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                return int(con.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+            finally:
+                con.close()
+
+        wait_until(lambda: stored() >= count, timeout=300, what="stored backlog")
+        n0 = len(rec.messages)
+        broker.start()
+        t0 = time.perf_counter()
+        wait_until(lambda: len(rec.messages) >= n0 + count, timeout=300, what="replay")
+        elapsed = time.perf_counter() - t0
+        hist = sum(1 for m in rec.messages[n0:] if b'"is_historical":true' in m.payload)
+        sample = rec.messages[-1].payload
+    finally:
+        daemon.stop()
+        rec.close()
+        broker.stop()
+    bare = bare_paho(tmp, count, sample)
+    return {
+        "messages": count,
+        "replay_msgs_per_s": count / elapsed,
+        "bare_paho_msgs_per_s": bare,
+        "ratio_to_bare": (count / elapsed) / bare,
+        "historical": hist,
+    }
+
+
+def bare_paho(tmp: Path, count: int, payload: bytes) -> float:
+    """The ceiling: a bare paho client publishing `count` QoS 1 messages to the same kind of subscriber."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    broker = Broker(tmp / "broker-bare")
+    broker.start()
+    rec = Recorder(broker.port, ["bare/#"], clean=False)
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.max_inflight_messages_set(100)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(count):
+            client.publish("bare/status", payload, qos=1)
+        wait_until(lambda: len(rec.messages) >= count, timeout=300, what="bare messages")
+        return count / (time.perf_counter() - t0)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        rec.close()
+        broker.stop()
+
+
+def memory(tmp: Path) -> dict[str, float]:
+    baseline = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import psutil, agent.supervisor, agent.commands, agent.config, drivers.base;"
+            "print(psutil.Process().memory_info().rss)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    base = int(baseline.stdout.strip())
+    broker = Broker(tmp / "broker3")
+    broker.start()
+    script = tmp / "mem.jsonl"
+    (tmp / "mem").mkdir()
+    tags = 10_000
+    cfg = config(tmp / "mem", broker.port, script, tags, 0.05)
+    rec = Recorder(broker.port, [f"{R}/equipment/+/telemetry"], clean=True)
+    daemon = Daemon(cfg).start()
+    try:
+        proc = psutil.Process(daemon.proc.pid)  # type: ignore[union-attr]
+        rounds = 20
+        script_line(script, op="burst", tags=tags, rounds=rounds)
+        peak = 0
+        deadline = time.perf_counter() + 300
+        while count_values(rec) < tags * rounds:
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.05)
+            if time.perf_counter() > deadline:
+                raise RuntimeError("burst did not arrive")
+        steady = proc.memory_info().rss
+        return {
+            "import_baseline_mib": base / 2**20,
+            "steady_rss_mib": steady / 2**20,
+            "peak_rss_mib": peak / 2**20,
+            "growth_steady_mib": (steady - base) / 2**20,
+            "growth_peak_mib": (peak - base) / 2**20,
+        }
+    finally:
+        daemon.stop()
+        rec.close()
+        broker.stop()
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        results = {"throughput": throughput(tmp), "replay": replay(tmp), "memory": memory(tmp)}
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
