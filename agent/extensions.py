@@ -18,4 +18,10 @@ class Extension(Protocol):
 
 def build_extensions(sup: Supervisor) -> list[Any]:
     """The components this build of the daemon has, wired to the supervisor."""
-    return []
+    out: list[Any] = []
+    if sup.cfg.http.enabled:
+        from agent.http import HttpApi
+
+        sup.http = HttpApi(sup)
+        out.append(sup.http)
+    return out

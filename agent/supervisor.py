@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import gc
 import signal
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ class Supervisor:
         self.driver_tasks: dict[str, asyncio.Task[None]] = {}
         self.driver_state: dict[str, dict[str, Any]] = {}
         self.extensions: list[Any] = []  # optional components (outbox, HTTP API) with start/stop
+        self.outbox: Any = None
+        self.http: Any = None
         self._tg: asyncio.TaskGroup | None = None
         self._mqtt_task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
@@ -67,6 +70,59 @@ class Supervisor:
         for eq in cfg.equipment:
             out[eq.id] = get_driver(eq.driver).default_stale_after_s(eq)
         return out
+
+    # -- health
+
+    def health(self) -> tuple[dict[str, Any], bool]:
+        """The /healthz report and whether the daemon is healthy (no needed component down too long)."""
+        limit = self.cfg.http.unhealthy_after_s
+        now = time.monotonic()
+        healthy = True
+        degraded = False
+        components: dict[str, Any] = {}
+        mqtt = self.mqtt
+        if mqtt is not None:
+            down_for = None if mqtt.connected or mqtt.down_since is None else round(now - mqtt.down_since, 1)
+            components["mqtt"] = {
+                "status": "up" if mqtt.connected else "down",
+                "down_for_s": down_for,
+                "error": None if mqtt.connected else mqtt.last_error,
+            }
+            if not mqtt.connected:
+                degraded = True
+                if down_for is not None and down_for > limit:
+                    healthy = False
+        components["store"] = {
+            "status": "degraded" if self.store.degraded else "up",
+            "depth": self.store.depth,
+            "evicted": self.store.evicted,
+            "error": self.store.degraded,
+        }
+        degraded = degraded or bool(self.store.degraded) or self.store.depth > self.cfg.mqtt.buffer_max_messages
+        drivers = {}
+        for eq in self.cfg.equipment:
+            st = self.driver_state.get(eq.id, {})
+            up = bool(st.get("connected"))
+            drivers[eq.id] = {
+                "status": "up" if up else "down",
+                "equipment_status": self.status_of(eq.id),
+                "last_success": st.get("last_success"),
+                "error": st.get("error"),
+            }
+            degraded = degraded or not up
+        components["drivers"] = drivers
+        if self.outbox is not None:
+            dead = self.outbox.dead_letter_count()
+            components["outbox"] = {"status": "up", "depth": self.outbox.depth(), "dead_letters": dead}
+            degraded = degraded or dead > 0
+        status = "ok" if healthy and not degraded else "degraded"
+        return {"status": status, "session": self.session, "components": components}, healthy
+
+    def refresh_metrics(self) -> None:
+        """Gauges read at scrape time."""
+        metrics.STORE_DEPTH.set(self.store.depth)
+        if self.outbox is not None:
+            metrics.OUTBOX_DEPTH.set(self.outbox.depth())
 
     # -- run
 
