@@ -88,6 +88,7 @@ class MqttSink:
         self._replay_upto = 0
         self._stop = asyncio.Event()
         self._ack_signalled = False
+        self._paho_error: str | None = None
         self._to_delete: list[int] = []
         self._delete_due = 0.0
         self._connack_ok = asyncio.Event()
@@ -146,7 +147,14 @@ class MqttSink:
     def _link_lost(self, client: paho.Client, reason: str) -> None:
         if client is not self._client or self._lost is None:
             return
-        self.last_error = self.last_error or f"connection lost: {reason}"
+        detail = self._paho_error or reason
+        if self._connack_ok.is_set():
+            self.last_error = self.last_error or f"connection lost: {detail}"
+        else:
+            hint = ""
+            if self.cfg.mqtt.tls and not self.cfg.mqtt.cert_file:
+                hint = " (the broker may require a client certificate; none is configured)"
+            self.last_error = self.last_error or f"the broker closed the connection before accepting it: {detail}{hint}"
         self._lost.set()
         self._wake.set()
 
@@ -172,7 +180,13 @@ class MqttSink:
         client.on_disconnect = self._cb_disconnect
         client.on_publish = self._cb_publish
         client.on_message = self._cb_message
+        client.on_log = self._cb_log
         return client
+
+    def _cb_log(self, client: paho.Client, userdata: Any, level: int, text: str) -> None:
+        # paho reports the socket or TLS error behind a lost connection only in its log.
+        if level in (paho.MQTT_LOG_ERR, paho.MQTT_LOG_WARNING) and client is self._client:
+            self._paho_error = text
 
     def birth(self) -> dict[str, Any]:
         """The retained `R/state` birth payload."""
@@ -208,8 +222,10 @@ class MqttSink:
             self.transitions.mark_down(
                 self.last_error or "disconnected", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"
             )
+            delay = backoff.next()
+            log.debug("mqtt_attempt_failed", error=self.last_error, retry_in_s=round(delay, 2))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff.next())
+                await asyncio.wait_for(stop.wait(), timeout=delay)
 
     async def _session(self, stop: asyncio.Event) -> None:
         m = self.cfg.mqtt
@@ -218,6 +234,7 @@ class MqttSink:
         self._lost = asyncio.Event()
         self._connack_ok = asyncio.Event()
         self.last_error = None
+        self._paho_error = None
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0
         await asyncio.wait_for(
