@@ -19,7 +19,7 @@ import structlog
 
 from agent import metrics
 from agent.config import AgentConfig, CommandBase, EquipmentConfig
-from agent.errors import CommandError
+from agent.errors import CommandError, RejectedError, TransientError
 from agent.model import CommandResult, iso, json_safe, parse_iso, utcnow
 from agent.monitor import Sink
 from agent.mqtt import Incoming
@@ -69,6 +69,10 @@ class CommandRouter:
             result = CommandResult(False, str(err), {"reason": err.reason})
             status = err.http_status
             reason = err.reason
+        except (TransientError, RejectedError) as err:
+            result = CommandResult(False, f"MPM did not answer as needed: {err}", {"reason": "mpm_unavailable"})
+            status = 409
+            reason = "mpm_unavailable"
         except (ConnectionError, OSError, TimeoutError) as err:
             result = CommandResult(
                 False,

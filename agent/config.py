@@ -609,9 +609,7 @@ def parse_config(text: str, path: Path, *, resolve_secrets: bool = True) -> Agen
     return validate_data(data, path, text, resolve_secrets=resolve_secrets)
 
 
-def validate_data(
-    data: dict[str, Any], path: Path, text: str = "", *, resolve_secrets: bool = True
-) -> AgentConfig:
+def validate_data(data: dict[str, Any], path: Path, text: str = "", *, resolve_secrets: bool = True) -> AgentConfig:
     """Validate an already parsed config; `path` anchors relative paths, `text` (the TOML) gives line numbers."""
     problems: list[Problem] = []
     agent = data.get("agent")

@@ -19,6 +19,9 @@ class Extension(Protocol):
 def build_extensions(sup: Supervisor) -> list[Any]:
     """The components this build of the daemon has, wired to the supervisor."""
     out: list[Any] = []
+    from agent.mpm_bridge import MpmBridge
+
+    out.append(MpmBridge(sup))  # idle without [mpm]; a reload that adds the section starts it
     if sup.cfg.http.enabled:
         from agent.http import HttpApi
 

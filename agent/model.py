@@ -91,7 +91,7 @@ class ConnectionState:
 class StatusFact:
     """Status a driver knows directly (printers, file drops), rather than derived from tags.
 
-    Fields left as None keep their previous value, except `status` which must be given.
+    Each fact is the whole status: a field left as None is empty in the published status.
     """
 
     status: str

@@ -1,0 +1,118 @@
+"""The daemon's link to MPM: the client, the durable outbox, process status sync and quality results.
+
+Started with the daemon when `[mpm]` is configured. Quality results from drivers are committed to the
+outbox before their source is released; each delivery or rejection is published again on the quality
+topic with its `mpm_delivery`; equipment status changes become process status updates; `load_process`
+reads its parameters through the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent.errors import DataError
+from agent.model import EquipmentStatus
+from agent.mpm import MPMClient
+from agent.outbox import Outbox, OutboxItem
+from agent.process_sync import ProcessSync
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.supervisor import Supervisor
+
+log = structlog.get_logger("edge_agent.mpm")
+
+
+class MpmBridge:
+    """Wires the MPM client, outbox and process sync into the monitor and the command router."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.client: MPMClient | None = None
+        self.outbox: Outbox | None = None
+        self.sync: ProcessSync | None = None
+
+    async def start(self) -> None:
+        """Open the outbox and start delivering."""
+        cfg = self.sup.cfg
+        if cfg.mpm is None:
+            return
+        assert self.sup.monitor is not None and self.sup.router is not None
+        self.client = MPMClient.from_config(cfg.mpm)
+        self.outbox = Outbox(
+            cfg.agent.state_dir / "outbox.sqlite",
+            self.client,
+            backoff_max_s=cfg.agent.reconnect_max_s,
+            on_outcome=self._outcome,
+        )
+        self.sync = ProcessSync(self.outbox)
+        self.sup.outbox = self.outbox
+        self.sup.monitor.quality_handler = self._quality
+        self.sup.monitor.status_listeners.append(self._status)
+        self.sup.router.parameter_source = self._parameters
+        await self.outbox.start()
+        log.info("mpm_enabled", base_url=cfg.mpm.base_url, auth=cfg.mpm.auth, pending=self.outbox.depth())
+
+    async def stop(self) -> None:
+        """Stop delivering; what is left stays in the outbox for the next start."""
+        if self.sup.router is not None:
+            self.sup.router.parameter_source = None
+        if self.sup.monitor is not None:
+            self.sup.monitor.quality_handler = None
+            with contextlib.suppress(ValueError):
+                self.sup.monitor.status_listeners.remove(self._status)
+        if self.outbox is not None:
+            await self.outbox.stop(grace_s=min(2.0, self.sup.cfg.agent.shutdown_grace_s))
+            self.outbox.close()
+            self.outbox = None
+            self.sup.outbox = None
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    async def reload(self, old: AgentConfig, new: AgentConfig) -> None:
+        """A changed `[mpm]` section restarts the client and outbox; the outbox file keeps its backlog."""
+        if _mpm(old) != _mpm(new):
+            await self.stop()
+            await self.start()
+
+    # -- hooks
+
+    async def _quality(self, eid: str, result: dict[str, Any], key: str) -> tuple[bool, str]:
+        assert self.outbox is not None
+        pid = result.get("process_id")
+        if not isinstance(pid, str) or not pid:
+            raise DataError(f"quality result from {eid!r} has no process_id")
+        new = self.outbox.enqueue_quality(pid, eid, result, key)
+        # A key already pending or delivered is not sent again; the contract reports it as delivered.
+        return new, "pending" if new else "delivered"
+
+    def _status(self, eid: str, new: EquipmentStatus, old: EquipmentStatus | None) -> None:
+        if self.sync is not None:
+            self.sync.on_status(eid, new)
+
+    async def _parameters(self, process_id: str) -> dict[str, Any]:
+        assert self.client is not None
+        return dict(await self.client.get_process_parameters(process_id))
+
+    def _outcome(self, item: OutboxItem, state: str) -> None:
+        if item.kind != "quality_result" or self.sup.monitor is None:
+            if state == "rejected":
+                log.warning("mpm_status_rejected", process_id=item.process_id, reason=item.reason)
+            return
+        body = item.payload()
+        if not isinstance(body, dict):
+            return
+        extra: dict[str, Any] = {}
+        if state == "rejected":
+            extra = {"mpm_status_code": item.status_code, "mpm_reason": item.reason}
+        self.sup.monitor.publish_quality(item.equipment_id or "", body, state, item.idempotency_key, **extra)
+
+
+def _mpm(cfg: AgentConfig) -> Any:
+    if cfg.mpm is None:
+        return None
+    return (cfg.mpm.model_dump(mode="json"), dict(cfg.mpm._secrets))
