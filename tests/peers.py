@@ -349,3 +349,37 @@ name = "reset"
 kind = "reset"
 {extra}
 """
+
+
+class MpmPeer:
+    """The built-in MPM emulator served from its own thread and event loop, for tests of the daemon."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        import asyncio
+
+        from agent.simulate.mpm_emulator import MPMEmulator
+
+        self.loop = asyncio.new_event_loop()
+        self.emu = MPMEmulator(**kwargs)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="mpm-emulator", daemon=True)
+        self.thread.start()
+        self.base_url: str = self.run(self.emu.start("127.0.0.1", 0))
+
+    def run(self, coro: Any) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(GUARD_S)
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a control method on the emulator's loop and return its result."""
+
+        async def go() -> Any:
+            return fn(*args, **kwargs)
+
+        return self.run(go())
+
+    def close(self) -> None:
+        self.run(self.emu.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(GUARD_S)
+        self.loop.close()
