@@ -212,7 +212,7 @@ class EquipmentClient:
         return {
             "tag": r.tag,
             "value": json_safe(r.value),
-            "unit": st.units.get(r.tag),
+            "unit": self._monitor.unit(self.equipment_id, r.tag),
             "ts": iso(r.ts),
             "quality": r.quality,
         }

@@ -96,6 +96,11 @@ def encode_value(value: Any) -> str:
     return json.dumps(json_safe(value), default=str)
 
 
+def _tag_json(tag: str) -> str:
+    # Configured tag names are identifiers ([A-Za-z0-9_-]); only a driver's own odd name needs escaping.
+    return f'"{tag}"' if tag.isidentifier() or tag.replace("-", "_").isidentifier() else json.dumps(tag)
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return float(value)
@@ -140,9 +145,8 @@ class EquipmentState:
     roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
     alerts: dict[str, list[tuple[AlertConfig, str]]] = field(default_factory=dict)
     deadband: dict[str, float] = field(default_factory=dict)
-    units: dict[str, str | None] = field(default_factory=dict)
-    # tag -> the JSON text of '"tag":..,' and '"unit":..' shared by every value of that tag
-    tag_json: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # tag -> its unit as JSON text, only for tags that have one (names are plain identifiers)
+    units: dict[str, str] = field(default_factory=dict)
 
 
 class Monitor:
@@ -210,8 +214,7 @@ class Monitor:
         persisted = self.store.state_items(f"alert|{eq.id}|")
         st.active_alerts = {k: v for k, v in persisted.items() if k in keys}
         st.deadband = {t.name: t.deadband for t in eq.tags}
-        st.units = {t.name: t.unit for t in eq.tags}
-        st.tag_json = {t.name: (json.dumps(t.name), json.dumps(t.unit)) for t in eq.tags}
+        st.units = {t.name: json.dumps(t.unit) for t in eq.tags if t.unit is not None}
 
     # -- events
 
@@ -238,14 +241,11 @@ class Monitor:
         last = st.reported.get(tag)
         if last is None or last[1] != r.quality or _changed(r.value, last[0], st.deadband.get(tag, 0.0)):
             st.reported[tag] = (r.value, r.quality)
-            names = st.tag_json.get(tag)
-            if names is None:
-                names = st.tag_json[tag] = (json.dumps(tag), "null")
             ts = r.ts
             if ts is not self._last_ts:
                 self._last_ts, self._last_iso = ts, iso(ts)
             st.pending.append(
-                f'{{"tag":{names[0]},"value":{encode_value(r.value)},"unit":{names[1]},'
+                f'{{"tag":{_tag_json(tag)},"value":{encode_value(r.value)},"unit":{st.units.get(tag, "null")},'
                 f'"ts":"{self._last_iso}","quality":"{r.quality}"}}'
             )
         if tag in st.roles:
@@ -489,6 +489,12 @@ class Monitor:
 
     # -- read access (HTTP API, Python API)
 
+    def unit(self, eid: str, tag: str) -> str | None:
+        """The configured unit of a tag."""
+        st = self.equipment.get(eid)
+        text = st.units.get(tag) if st else None
+        return json.loads(text) if text else None
+
     def snapshot(self, eid: str) -> dict[str, Any] | None:
         """The status object plus current values of one equipment."""
         st = self.equipment.get(eid)
@@ -496,7 +502,7 @@ class Monitor:
             return None
         out = st.status.to_dict()
         out["values"] = {
-            tag: {"value": json_safe(r.value), "unit": st.units.get(tag), "ts": iso(r.ts), "quality": r.quality}
+            tag: {"value": json_safe(r.value), "unit": self.unit(eid, tag), "ts": iso(r.ts), "quality": r.quality}
             for tag, r in st.values.items()
         }
         out["last_value_age_s"] = None if st.last_value_at is None else round(time.monotonic() - st.last_value_at, 3)

@@ -122,6 +122,8 @@ class Store:
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a process crash (SIGKILL); only an OS crash may lose the last commits.
             db.execute("PRAGMA synchronous=NORMAL")
+            # A queue read in order needs little cache; the default 2 MiB is memory a small box misses.
+            db.execute("PRAGMA cache_size=-256")
             db.executescript(_SCHEMA)
             ok = db.execute("PRAGMA quick_check").fetchone()
             if not ok or ok[0] != "ok":

@@ -172,7 +172,9 @@ def memory(tmp: Path) -> dict[str, float]:
         [
             sys.executable,
             "-c",
-            "import psutil, agent.supervisor, agent.commands, agent.config, drivers.base;"
+            # every module the daemon imports for this config: the supervisor, HTTP API, MPM link, driver
+            "import sys; sys.path.insert(0, 'tests');"
+            "import psutil, agent.supervisor, agent.http, agent.mpm_bridge, agent.commands, scripted_driver;"
             "print(psutil.Process().memory_info().rss)",
         ],
         capture_output=True,
