@@ -1,0 +1,848 @@
+"""OPC UA driver (asyncua): one subscription, iterator mode, security, writes and method calls.
+
+Recovery is left to the supervisor: a lost session makes `events()` raise, the supervisor leaves the
+context and re-enters it with backoff. asyncua's own auto-reconnect re-creates monitored items from the
+node ids it cached: against a server restarted with its namespaces registered in another order it
+reported itself connected and then delivered nothing for an `nsu=` tag, without a word. A fresh connect
+resolves every `nsu=` URI again and re-reads the data types that writes are coerced to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
+from datetime import UTC, datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+from asyncua import Client, ua
+from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent, Subscription
+from asyncua.crypto import security_policies, uacrypto
+from asyncua.observer import Observer
+from cryptography import x509
+from pydantic import Field, field_validator, model_validator
+
+from agent import metrics
+from agent.config import CommandBase, EquipmentConfig, SecretHolder, TagBase
+from agent.errors import CommandError
+from agent.model import CommandResult, Event, Reading, utcnow
+from drivers.base import Driver, DriverContext, validate_write
+from drivers.registry import register_driver
+
+NODE_RE = re.compile(r"^(?:nsu=(?P<uri>[^;]+);|ns=(?P<ns>\d+);)?(?P<kind>[isgb])=(?P<ident>.+)$", re.DOTALL)
+STATUS_QUEUE_SIZE = 10
+# `reset` is a method call too, the one command the daemon lets run while the equipment is in error.
+METHOD_KINDS = ("method", "reset")
+ASYNCUA_LOGGER = "asyncua"
+
+_INT_RANGES: dict[ua.VariantType, tuple[int, int]] = {
+    ua.VariantType.SByte: (-(2**7), 2**7 - 1),
+    ua.VariantType.Byte: (0, 2**8 - 1),
+    ua.VariantType.Int16: (-(2**15), 2**15 - 1),
+    ua.VariantType.UInt16: (0, 2**16 - 1),
+    ua.VariantType.Int32: (-(2**31), 2**31 - 1),
+    ua.VariantType.UInt32: (0, 2**32 - 1),
+    ua.VariantType.Int64: (-(2**63), 2**63 - 1),
+    ua.VariantType.UInt64: (0, 2**64 - 1),
+}
+_FLOATS = (ua.VariantType.Float, ua.VariantType.Double)
+_PLAIN = (int, float, str, bool, type(None), datetime, bytes)
+
+
+def check_node_id(text: str) -> str:
+    """Validate `ns=2;s=X`, `i=85`, `nsu=urn:x;s=X` (also g= and b=); return it unchanged."""
+    m = NODE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a node id (ns=<index>;s=<name>, i=, g=, b=, or nsu=<uri>;s=<name>)")
+    try:
+        ua.NodeId.from_string(f"ns={m['ns'] or 0};{m['kind']}={m['ident']}")
+    except Exception as err:
+        raise ValueError(f"{text!r} is not a valid node id: {err}") from None
+    return text.strip()
+
+
+# ---- config models ---------------------------------------------------------------------------------
+
+
+class OpcUaConnection(SecretHolder):
+    """`[equipment.connection]` of an OPC UA equipment."""
+
+    __secrets__ = ("password",)
+    endpoint: str
+    security_policy: Literal["None", "Basic256Sha256"] = "None"
+    security_mode: Literal["None", "Sign", "SignAndEncrypt"] | None = None
+    certificate_file: Path | None = None
+    private_key_file: Path | None = None
+    server_certificate_file: Path | None = None
+    application_uri: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    publishing_interval_ms: float = Field(100.0, gt=0)
+    timeout_s: float = Field(4.0, gt=0)
+    watchdog_interval_s: float = Field(1.0, gt=0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme != "opc.tcp" or not parts.hostname:
+            raise ValueError("must be opc.tcp://host:port")
+        try:
+            _ = parts.port
+        except ValueError as err:
+            raise ValueError("has an invalid port") from err
+        return v
+
+    @model_validator(mode="after")
+    def _security(self) -> OpcUaConnection:
+        if self.security_policy == "None":
+            if self.security_mode not in (None, "None"):
+                raise ValueError(f"security_mode {self.security_mode} needs security_policy Basic256Sha256")
+        elif self.security_mode == "None":
+            raise ValueError("security_policy Basic256Sha256 needs security_mode Sign or SignAndEncrypt")
+        if (self.certificate_file is None) != (self.private_key_file is None):
+            raise ValueError("give certificate_file and private_key_file together (or neither, to generate them)")
+        if (self.password_file or self.password_env) and not self.username:
+            raise ValueError("a password needs a username")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """The effective message security mode."""
+        if self.security_policy == "None":
+            return "None"
+        return self.security_mode or "SignAndEncrypt"
+
+    @property
+    def secure(self) -> bool:
+        return self.security_policy != "None"
+
+
+class OpcUaTag(TagBase):
+    """An OPC UA tag: a variable node, monitored in the equipment's subscription."""
+
+    node: str
+    sampling_interval_ms: float | None = Field(None, ge=0)
+    queue_size: int | None = Field(None, ge=1)
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        return check_node_id(v)
+
+
+class OpcUaCommand(CommandBase):
+    """`write` (a tag), `method` or `reset` (`object` + `method` node ids), or `load_process`."""
+
+    object: str | None = None
+    method: str | None = None
+
+    @field_validator("object", "method")
+    @classmethod
+    def _node(cls, v: str | None) -> str | None:
+        return None if v is None else check_node_id(v)
+
+    @model_validator(mode="after")
+    def _fields(self) -> OpcUaCommand:
+        if self.kind == "write" and not self.tag:
+            raise ValueError("a write command needs a tag")
+        if self.kind in METHOD_KINDS and not (self.object and self.method):
+            raise ValueError(f"a {self.kind} command needs object and method node ids")
+        if self.kind not in METHOD_KINDS and (self.object or self.method):
+            raise ValueError("object and method belong to method and reset commands")
+        return self
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def quality_of(code: ua.StatusCode | None) -> str:
+    """The contract's quality for an OPC UA status code."""
+    if code is None or code.value == 0:
+        return "good"
+    if code.is_good():
+        return "good"
+    return "uncertain" if code.is_uncertain() else "bad"
+
+
+def plain(value: Any) -> Any:
+    """An OPC UA value as plain Python (JSON-friendly after json_safe)."""
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, ua.LocalizedText):
+        return value.Text
+    if isinstance(value, ua.QualifiedName):
+        return value.Name
+    if isinstance(value, ua.NodeId):
+        return value.to_string()
+    if isinstance(value, ua.StatusCode):
+        return value.name
+    if isinstance(value, ua.Variant):
+        return plain(value.Value)
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (int, float, str)):
+        return value
+    return str(value)
+
+
+def coerce(value: Any, vtype: ua.VariantType, what: str) -> Any:
+    """Convert a parameter to a node's builtin data type; ValueError names what does not fit."""
+    name = vtype.name
+    if vtype == ua.VariantType.Boolean:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{what}: {value!r} is not a Boolean (true/false or 0/1)")
+    if vtype in _INT_RANGES:
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, float):
+            if not math.isfinite(value) or not value.is_integer():
+                raise ValueError(f"{what}: {value!r} is not an integer, the node's data type is {name}")
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError(f"{what}: {value!r} is not a number, the node's data type is {name}")
+        low, high = _INT_RANGES[vtype]
+        if not low <= value <= high:
+            raise ValueError(f"{what}: {value} does not fit the node's data type {name} ({low}..{high})")
+        return value
+    if vtype in _FLOATS:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out = float(value)
+            if vtype == ua.VariantType.Float and math.isfinite(out) and abs(out) > 3.4028234663852886e38:
+                raise ValueError(f"{what}: {value} does not fit the node's data type Float")
+            return out
+        raise ValueError(f"{what}: {value!r} is not a number, the node's data type is {name}")
+    if vtype == ua.VariantType.String:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{what}: {value!r} is not text, the node's data type is String")
+    raise ValueError(f"{what}: writing the data type {name} is not supported")
+
+
+def _variant_type(datatype: Any) -> ua.VariantType | None:
+    """The builtin VariantType of a DataType node id, or None for structured/custom types."""
+    if isinstance(datatype, ua.NodeId) and datatype.NamespaceIndex == 0 and isinstance(datatype.Identifier, int):
+        if 1 <= datatype.Identifier <= 25:
+            return ua.VariantType(datatype.Identifier)
+        if datatype.Identifier == 29:  # Enumeration subtypes travel as Int32
+            return ua.VariantType.Int32
+    return None
+
+
+def _certificate_uri(path: Path) -> str | None:
+    """The application URI (subjectAltName URI) a certificate carries."""
+    data = path.read_bytes()
+    cert = (
+        x509.load_pem_x509_certificate(data)
+        if data.lstrip().startswith(b"-----")
+        else x509.load_der_x509_certificate(data)
+    )
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if uris else None
+
+
+_HINTS = (
+    (("BadUserAccessDenied", "BadIdentityToken"), "the server refused the user: check username and password"),
+    (("BadSecurityPolicyRejected",), "the server offers no endpoint with this security_policy/security_mode"),
+    (
+        ("BadCertificate", "BadSecurityChecksFailed", "BadNonceInvalid"),
+        "certificate or signature check failed: check server_certificate_file and that the server trusts"
+        " our certificate",
+    ),
+    (("BadTcpEndpointUrlInvalid",), "the server does not know this endpoint URL"),
+)
+
+
+def _hint(name: str) -> str:
+    for prefixes, hint in _HINTS:
+        if name.startswith(prefixes):
+            return hint
+    return ""
+
+
+class _Counters(Observer):
+    """asyncua observer: request latency and notification accounting (to count queue drops exactly)."""
+
+    def __init__(self, equipment_id: str) -> None:
+        self.latency = metrics.DRIVER_LATENCY.labels(equipment_id)
+        self.reads = metrics.DRIVER_READS.labels(equipment_id)
+        self.produced = 0
+
+    def observe_request(self, request: Any) -> AbstractContextManager[None]:
+        # Publish requests are long polls; their duration says nothing about the device.
+        if isinstance(request, ua.PublishRequest):
+            return nullcontext()
+        return super().observe_request(request)
+
+    def on_request(self, request_type: str, duration: float, error: BaseException | None) -> None:
+        self.latency.observe(duration)
+
+    def on_notification(self, subscription_id: int | None, event_count: int) -> None:
+        self.produced += event_count
+        self.reads.inc()
+
+
+# ---- the driver ------------------------------------------------------------------------------------
+
+
+@register_driver
+class OpcUaDriver(Driver):
+    """An OPC UA server: tags by subscription, commands by write or method call."""
+
+    name = "opcua"
+    connection_model = OpcUaConnection
+    tag_model = OpcUaTag
+    command_model = OpcUaCommand
+    command_kinds: ClassVar[frozenset[str]] = frozenset({"write", "method", "reset", "load_process"})
+
+    def __init__(self, equipment: EquipmentConfig, context: DriverContext) -> None:
+        super().__init__(equipment, context)
+        self.conn: OpcUaConnection = equipment.connection
+        self.tags: list[OpcUaTag] = list(equipment.tags)
+        refs = set(equipment.status.tag_refs().values()) if equipment.status else set()
+        self.status_tags = {t.name for t in self.tags if t.name in refs}
+        self.client: Client | None = None
+        self.subscription: Subscription | None = None
+        self.node_ids: dict[str, ua.NodeId] = {}  # resolved node ids by tag name ("cmd:<name>:object" too)
+        self.unavailable: dict[str, str] = {}  # tag name -> why it reads bad
+        self.handles: dict[int, OpcUaTag] = {}
+        self.dropped = 0
+        self.queue_maxsize = 0
+        self._types: dict[str, ua.VariantType] = {}
+        self._inputs: dict[str, list[ua.Argument]] = {}
+        self._initial: list[Reading] = []
+        self._counters = _Counters(equipment.id)
+        self._consumed = 0
+        self._lost: BaseException | None = None
+        self._closing = False
+        self._scale_warned: set[str] = set()
+        self._reported: dict[str, str] = {}
+        self._dropped_metric = metrics.DRIVER_DROPPED.labels(equipment.id)
+        self._values_metric = metrics.DRIVER_VALUES.labels(equipment.id)
+        self._errors_metric = metrics.DRIVER_ERRORS
+
+    # -- config hooks
+
+    @classmethod
+    def validate_command(
+        cls, equipment: EquipmentConfig, command: CommandBase, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """`write`: {value}; `method` and `reset`: {args: [...]} (optional)."""
+        if command.kind == "write":
+            return validate_write(equipment, command, params)
+        if command.kind in METHOD_KINDS:
+            extra = set(params) - {"args"}
+            if extra:
+                raise CommandError(
+                    f"command {command.name!r}: unknown parameter(s) {', '.join(sorted(extra))}", "bad_parameters"
+                )
+            args = params.get("args", [])
+            if not isinstance(args, list):
+                raise CommandError(f"command {command.name!r}: parameter 'args' must be a list", "bad_parameters")
+            for i, arg in enumerate(args):
+                if not isinstance(arg, (str, int, float, bool)):
+                    raise CommandError(
+                        f"command {command.name!r}: args[{i}] must be a number, text or boolean", "bad_parameters"
+                    )
+                if isinstance(arg, float) and not math.isfinite(arg):
+                    raise CommandError(f"command {command.name!r}: args[{i}] must be finite", "bad_parameters")
+            return {"args": args}
+        return super().validate_command(equipment, command, params)
+
+    # -- lifecycle
+
+    async def __aenter__(self) -> OpcUaDriver:
+        await self.connect()
+        return self
+
+    async def connect(self) -> None:
+        """Open the session, resolve every node id, subscribe; raise ConnectionError with the cause."""
+        quiet = logging.getLogger(ASYNCUA_LOGGER)
+        # asyncua logs an ERROR traceback per failed request while a server is down; the driver logs
+        # the transition itself. An explicitly configured level is left alone.
+        if quiet.level == logging.NOTSET:
+            quiet.setLevel(logging.CRITICAL)
+        if self.client is not None:
+            await self._teardown()  # a second connect replaces the session, never leaks it
+        self._closing = False
+        self._lost = None
+        conn = self.conn
+        client = Client(conn.endpoint, timeout=conn.timeout_s, watchdog_intervall=conn.watchdog_interval_s)
+        client.uaclient.observer = self._counters
+        client.connection_lost_callback = self._on_lost
+        self.client = client
+        try:
+            await self._setup_security(client)
+            if conn.username:
+                client.set_user(conn.username)
+                password = conn.secret("password")
+                if password:
+                    client.set_password(password)
+            await client.connect()
+            await self._resolve(client)
+            await self._subscribe(client)
+        except BaseException as err:
+            await self._teardown()
+            if isinstance(err, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                raise
+            raise ConnectionError(await self._explain(err)) from err
+        # debug: the supervisor logs the up transition; this adds what was found on the server.
+        self.log.debug(
+            "connected",
+            endpoint=conn.endpoint,
+            security=f"{conn.security_policy}/{conn.mode}",
+            tags=len(self.tags),
+            unavailable=len(self.unavailable),
+        )
+
+    async def close(self) -> None:
+        """Delete the subscription and close the session; never raises."""
+        self._closing = True
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        client, sub = self.client, self.subscription
+        self.client = None
+        self.subscription = None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sub.delete(), self.conn.timeout_s)
+        if client is not None:
+            try:
+                await asyncio.wait_for(client.disconnect(), self.conn.timeout_s)
+            except Exception:
+                # A dead link: drop the socket; nothing more to tell the server.
+                with contextlib.suppress(Exception):
+                    client.disconnect_socket()
+
+    async def _on_lost(self, exc: Exception) -> None:
+        self._lost = exc
+
+    def _describe(self, err: BaseException) -> str:
+        """One clear sentence for a failed connect, naming the endpoint and the cause; no secrets."""
+        where = f"OPC UA server {self.conn.endpoint}"
+        if isinstance(err, ua.UaStatusCodeError):
+            name = ua.StatusCode(err.code).name
+            hint = _hint(name)
+            return f"{where} refused the connection: {name}" + (f" ({hint})" if hint else "")
+        if isinstance(err, ua.UaError) and "certificate mismatch" in str(err).lower():
+            return f"{where} presented a certificate that differs from server_certificate_file (pinned)"
+        if isinstance(err, (asyncio.TimeoutError, TimeoutError)):
+            if self.conn.secure:
+                return (
+                    f"{where} did not answer within {self.conn.timeout_s:g} s (with security on, a wrong "
+                    "server_certificate_file or an untrusted client certificate looks like this)"
+                )
+            return f"{where} did not answer within {self.conn.timeout_s:g} s"
+        if isinstance(err, ConnectionRefusedError):
+            return f"{where} is unreachable: connection refused"
+        if isinstance(err, ConnectionError) and str(err) in ("", "Connection is not open"):
+            return f"{where} closed the connection" + (
+                " during the secure-channel handshake (check security_policy/security_mode and server_certificate_file)"
+                if self.conn.secure
+                else " (does it accept security None? it may offer only secure endpoints)"
+            )
+        if isinstance(err, OSError):
+            return f"{where} is unreachable: {err.strerror or err}"
+        if isinstance(err, _ConfigFault):
+            return str(err)
+        return f"{where}: connect failed: {type(err).__name__}: {err}"
+
+    async def _probe_endpoints(self) -> list[ua.EndpointDescription] | None:
+        """The server's endpoints over an unauthenticated channel, to explain a refusal; None if unknown."""
+        probe = Client(self.conn.endpoint, timeout=self.conn.timeout_s)
+        try:
+            return await asyncio.wait_for(probe.connect_and_get_server_endpoints(), self.conn.timeout_s)
+        except Exception:
+            return None
+
+    async def _explain(self, err: BaseException) -> str:
+        """A failed connect in one sentence; asks the server's endpoints where that makes it precise."""
+        conn = self.conn
+        message = self._describe(err)
+        if isinstance(err, ua.UaError) and "no matching endpoints" in str(err).lower():
+            endpoints = await self._probe_endpoints() or []
+            offered = ", ".join(
+                sorted(
+                    {f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name.rstrip('_')}" for e in endpoints}
+                )
+            )
+            wanted = f"security_policy {conn.security_policy} / security_mode {conn.mode}"
+            return f"OPC UA server {conn.endpoint} offers no endpoint with {wanted} (it offers: {offered or 'unknown'})"
+        if (
+            conn.secure
+            and conn.server_certificate_file is not None
+            and isinstance(err, (TimeoutError, ConnectionError))
+        ):
+            probed = await self._probe_endpoints()
+            if probed:
+                with contextlib.suppress(Exception):
+                    pinned = uacrypto.der_from_x509(await uacrypto.load_certificate(str(conn.server_certificate_file)))
+                    if all(e.ServerCertificate and e.ServerCertificate[: len(pinned)] != pinned for e in probed):
+                        return (
+                            f"OPC UA server {conn.endpoint} presents a certificate that differs from "
+                            f"server_certificate_file {conn.server_certificate_file} (pinned)"
+                        )
+        return message
+
+    async def _setup_security(self, client: Client) -> None:
+        conn = self.conn
+        if not conn.secure:
+            return
+        cert, key = conn.certificate_file, conn.private_key_file
+        if cert is None or key is None:
+            folder = self.context.state_dir / "opcua"
+            cert, key = folder / f"{self.equipment.id}-cert.der", folder / f"{self.equipment.id}-key.pem"
+            if not (cert.exists() and key.exists()):
+                client.application_uri = (
+                    conn.application_uri or f"urn:{socket.gethostname()}:edge-agent:{self.equipment.id}"
+                )
+                await client.setup_self_signed_certificate(key, cert)
+                with contextlib.suppress(OSError):
+                    key.chmod(0o600)
+                self.log.info(
+                    "client_certificate_generated", certificate=str(cert), application_uri=client.application_uri
+                )
+        for path, field in ((cert, "certificate_file"), (key, "private_key_file")):
+            if not path.is_file():
+                raise _ConfigFault(f"{field} {path} does not exist")
+        try:
+            uri = _certificate_uri(cert)
+        except (OSError, ValueError) as err:
+            raise _ConfigFault(f"certificate_file {cert} is not a certificate: {err}") from err
+        if conn.application_uri and uri and conn.application_uri != uri:
+            raise _ConfigFault(f"application_uri {conn.application_uri} differs from the URI in {cert} ({uri})")
+        # The server checks that the session's application URI is the one in our certificate.
+        client.application_uri = uri or conn.application_uri or client.application_uri
+        server_cert: str | None = None
+        if conn.server_certificate_file is not None:
+            if not conn.server_certificate_file.is_file():
+                raise _ConfigFault(f"server_certificate_file {conn.server_certificate_file} does not exist")
+            server_cert = str(conn.server_certificate_file)
+        mode = getattr(ua.MessageSecurityMode, conn.mode)
+        await client.set_security(
+            security_policies.SecurityPolicyBasic256Sha256,
+            str(cert),
+            str(key),
+            server_certificate=server_cert,
+            mode=mode,
+        )
+
+    async def _resolve(self, client: Client) -> None:
+        """Resolve tag and command node ids against the server's namespace array (it may have changed)."""
+        namespaces = await client.get_namespace_array()
+        self.node_ids.clear()
+        self.unavailable.clear()
+        self._types.clear()
+        self._inputs.clear()
+
+        def resolve(text: str) -> ua.NodeId:
+            m = NODE_RE.match(text)
+            assert m is not None  # validated by the config model
+            if m["uri"] is not None:
+                try:
+                    index = namespaces.index(m["uri"])
+                except ValueError:
+                    raise LookupError(f"namespace {m['uri']} is not on the server") from None
+            else:
+                index = int(m["ns"] or 0)
+            return ua.NodeId.from_string(f"ns={index};{m['kind']}={m['ident']}")
+
+        for tag in self.tags:
+            try:
+                self.node_ids[tag.name] = resolve(tag.node)
+            except LookupError as err:
+                self.unavailable[tag.name] = str(err)
+        for cmd in self.equipment.commands:
+            if cmd.kind in METHOD_KINDS:
+                for part in ("object", "method"):
+                    try:
+                        self.node_ids[f"cmd:{cmd.name}:{part}"] = resolve(getattr(cmd, part))
+                    except LookupError as err:
+                        self.unavailable[f"cmd:{cmd.name}:{part}"] = str(err)
+
+    async def _subscribe(self, client: Client) -> None:
+        """One subscription; a monitored item per resolvable tag; bad tags become bad readings."""
+        conn = self.conn
+        monitored = [t for t in self.tags if t.name in self.node_ids]
+        queued = sum(self._queue_size(t) for t in monitored)
+        self.queue_maxsize = self._queue_maxsize(queued)
+        self.handles = {}
+        self._initial = []
+        self._consumed = 0
+        self._counters.produced = 0
+        self.dropped = 0
+        sub = await client.create_subscription(conn.publishing_interval_ms, None, queue_maxsize=self.queue_maxsize)
+        self.subscription = sub
+        requests = []
+        for handle, tag in enumerate(monitored, start=1):
+            rv = ua.ReadValueId(NodeId=self.node_ids[tag.name], AttributeId=ua.AttributeIds.Value)
+            params = ua.MonitoringParameters(
+                ClientHandle=handle,
+                SamplingInterval=self._sampling_ms(tag),
+                QueueSize=self._queue_size(tag),
+                DiscardOldest=True,
+            )
+            requests.append(
+                ua.MonitoredItemCreateRequest(
+                    ItemToMonitor=rv, MonitoringMode=ua.MonitoringMode.Reporting, RequestedParameters=params
+                )
+            )
+            self.handles[handle] = tag
+        results = await sub.create_monitored_items(requests) if requests else []
+        for handle, result in zip(list(self.handles), results, strict=True):
+            if isinstance(result, ua.StatusCode):
+                tag = self.handles.pop(handle)
+                self.unavailable[tag.name] = f"{result.name}"
+        now = utcnow()
+        for tag in self.tags:
+            why = self.unavailable.get(tag.name)
+            if why is not None:
+                self._initial.append(Reading(tag.name, None, now, "bad"))
+        self._log_availability()
+
+    def _log_availability(self) -> None:
+        """Log a node becoming unavailable or available again once, not at every reconnect."""
+        nodes = {t.name: t.node for t in self.tags}
+        for cmd in self.equipment.commands:
+            if cmd.kind in METHOD_KINDS:
+                nodes[f"cmd:{cmd.name}:object"], nodes[f"cmd:{cmd.name}:method"] = cmd.object, cmd.method
+        for key, why in self.unavailable.items():
+            if self._reported.get(key) != why:
+                name = key.split(":")[1] if key.startswith("cmd:") else key
+                kind = "command_unavailable" if key.startswith("cmd:") else "tag_unavailable"
+                self.log.warning(
+                    kind, **{"command" if key.startswith("cmd:") else "tag": name}, node=nodes.get(key), reason=why
+                )
+                self._errors_metric.labels(self.equipment.id, "node").inc()
+        for key in set(self._reported) - set(self.unavailable):
+            self.log.info("node_available", node=nodes.get(key), key=key)
+        self._reported = dict(self.unavailable)
+
+    def _queue_maxsize(self, queued: int) -> int:
+        # One publish response may carry every queued value of every item at once; the client-side
+        # queue must hold all of them (twice, for a consumer one response behind) or asyncua drops
+        # the oldest without a word.
+        return max(1000, 2 * queued + 16)
+
+    def _queue_size(self, tag: OpcUaTag) -> int:
+        if tag.queue_size is not None:
+            return tag.queue_size
+        return STATUS_QUEUE_SIZE if tag.name in self.status_tags else 1
+
+    def _sampling_ms(self, tag: OpcUaTag) -> float:
+        if tag.sampling_interval_ms is not None:
+            return tag.sampling_interval_ms
+        # Status tags are sampled as fast as the server can, so a short-lived state fills the queue;
+        # other tags at the publishing interval, which is all a report-by-exception consumer needs.
+        return 0.0 if tag.name in self.status_tags else self.conn.publishing_interval_ms
+
+    # -- events
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Initial bad readings for unavailable tags, then every data change; raise when the session is lost."""
+        sub = self.subscription
+        if sub is None:
+            raise ConnectionError(f"OPC UA server {self.conn.endpoint}: not connected")
+        for reading in self._initial:
+            yield reading
+        self._initial = []
+        handles = self.handles
+        counters = self._counters
+        maxsize = self.queue_maxsize
+        async for ev in sub:
+            self._consumed += 1
+            # Exact drop count: a full queue can hold at most maxsize; asyncua dropped the excess.
+            backlog = counters.produced - self._consumed - self.dropped
+            if backlog >= maxsize:
+                self._note_dropped(backlog - maxsize + 1)
+            if type(ev) is DataChangeEvent:
+                mi = ev.data.monitored_item
+                tag = handles.get(mi.ClientHandle)
+                if tag is not None:
+                    yield self._reading(tag, mi.Value)
+            elif type(ev) is StatusChangeEvent:
+                code = ev.notification.Status
+                if code is not None and code.is_bad():
+                    raise self._lost_error(code.name)
+        if not self._closing:
+            raise self._lost_error("subscription closed")
+
+    def _lost_error(self, why: str) -> ConnectionError:
+        # Not logged here: the supervisor logs the transition once, with this message as its error.
+        cause = f"{why}: {self._lost}" if self._lost is not None else why
+        return ConnectionError(f"OPC UA server {self.conn.endpoint}: connection lost ({cause})")
+
+    def _note_dropped(self, n: int) -> None:
+        if self.dropped == 0:
+            self.log.warning("notifications_dropped", dropped=n, queue_maxsize=self.queue_maxsize)
+        self.dropped += n
+        self._dropped_metric.inc(n)
+
+    def _reading(self, tag: OpcUaTag, dv: ua.DataValue | None) -> Reading:
+        if dv is None:
+            return Reading(tag.name, None, utcnow(), "bad")
+        quality = quality_of(dv.StatusCode)
+        ts = dv.SourceTimestamp or dv.ServerTimestamp or utcnow()
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
+        raw = dv.Value.Value if dv.Value is not None else None
+        value = raw if type(raw) in _PLAIN else plain(raw)
+        self._values_metric.inc()
+        if (tag.scale is not None or tag.offset is not None) and value is not None:
+            if type(value) not in (int, float):
+                # A text, boolean or array node behind a scaled tag: the config expects a number.
+                if tag.name not in self._scale_warned:
+                    self._scale_warned.add(tag.name)
+                    self.log.warning(
+                        "tag_type_unexpected",
+                        tag=tag.name,
+                        node=tag.node,
+                        value_type=type(raw).__name__,
+                        reason="scale/offset need a number",
+                    )
+                return Reading(tag.name, None, ts, "bad")
+            value = tag.scaled(value)
+        return Reading(tag.name, value, ts, quality)
+
+    # -- commands
+
+    async def send_command(self, command: CommandBase, params: dict[str, Any]) -> CommandResult:
+        """Write a tag or call a method; the server's status code decides success."""
+        client = self.client
+        if client is None:
+            raise ConnectionError(f"OPC UA server {self.conn.endpoint}: not connected")
+        try:
+            if command.kind == "write":
+                return await self._write(client, command, params["value"])
+            if command.kind in METHOD_KINDS:
+                assert isinstance(command, OpcUaCommand)
+                return await self._call(client, command, list(params.get("args", [])))
+        except ua.UaStatusCodeError as err:
+            name = ua.StatusCode(err.code).name
+            return CommandResult(False, f"the server refused {command.name!r}: {name}", {"status": name})
+        if command.kind == "load_process":
+            return CommandResult(
+                False, "load_process is carried out by the daemon through the parameter write commands"
+            )
+        return CommandResult(False, f"command kind {command.kind!r} is not supported by the OPC UA driver")
+
+    async def _write(self, client: Client, command: CommandBase, value: Any) -> CommandResult:
+        tag = self.equipment.tag(command.tag or "")
+        node_id = self.node_ids.get(tag.name) if tag is not None else None
+        if tag is None or node_id is None:
+            why = self.unavailable.get(tag.name, "unknown tag") if tag is not None else "unknown tag"
+            return CommandResult(False, f"tag {command.tag!r} cannot be written: {why}", {"status": "BadNodeIdUnknown"})
+        vtype = self._types.get(tag.name)
+        if vtype is None:
+            dv = (await client.read_attributes([client.get_node(node_id)], ua.AttributeIds.DataType))[0]
+            if quality_of(dv.StatusCode) != "good":
+                name = dv.StatusCode.name if dv.StatusCode else "Bad"
+                return CommandResult(
+                    False, f"tag {tag.name!r} ({tag.node}): cannot read its data type: {name}", {"status": name}
+                )
+            vtype = _variant_type(dv.Value.Value if dv.Value else None)
+            if vtype is None:
+                return CommandResult(
+                    False,
+                    f"tag {tag.name!r} ({tag.node}): its data type {dv.Value.Value if dv.Value else None}"
+                    " cannot be written",
+                    {"status": "BadTypeMismatch"},
+                )
+            self._types[tag.name] = vtype
+        raw = value
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and (tag.scale is not None or tag.offset is not None)
+        ):
+            raw = tag.unscaled(value)
+        try:
+            raw = coerce(raw, vtype, f"tag {tag.name!r}")
+        except ValueError as err:
+            return CommandResult(False, str(err), {"status": "BadTypeMismatch"})
+        code = (
+            await client.uaclient.write_attributes(
+                [node_id], [ua.DataValue(ua.Variant(raw, vtype))], ua.AttributeIds.Value
+            )
+        )[0]
+        if code.is_good():
+            return CommandResult(True, f"wrote {raw!r} to {tag.name}", {"value": raw, "status": code.name})
+        self.log.info("write_refused", tag=tag.name, node=tag.node, status=code.name)
+        return CommandResult(False, f"the server refused the write to {tag.name}: {code.name}", {"status": code.name})
+
+    async def _call(self, client: Client, command: OpcUaCommand, args: list[Any]) -> CommandResult:
+        obj = self.node_ids.get(f"cmd:{command.name}:object")
+        method = self.node_ids.get(f"cmd:{command.name}:method")
+        if obj is None or method is None:
+            why = self.unavailable.get(f"cmd:{command.name}:object") or self.unavailable.get(
+                f"cmd:{command.name}:method"
+            )
+            return CommandResult(
+                False, f"method {command.name!r} cannot be called: {why}", {"status": "BadNodeIdUnknown"}
+            )
+        inputs = self._inputs.get(command.name)
+        if inputs is None:
+            inputs = await self._input_arguments(client, method)
+            self._inputs[command.name] = inputs
+        variants: list[ua.Variant] = []
+        if inputs:
+            if len(args) != len(inputs):
+                return CommandResult(
+                    False,
+                    f"method {command.name!r} takes {len(inputs)} argument(s), got {len(args)}",
+                    {"status": "BadArgumentsMissing" if len(args) < len(inputs) else "BadTooManyArguments"},
+                )
+            for i, (arg, spec) in enumerate(zip(args, inputs, strict=True)):
+                vtype = _variant_type(spec.DataType)
+                if vtype is None:
+                    variants.append(ua.Variant(arg))
+                    continue
+                try:
+                    variants.append(ua.Variant(coerce(arg, vtype, f"args[{i}] ({spec.Name or 'argument'})"), vtype))
+                except ValueError as err:
+                    return CommandResult(False, f"method {command.name!r}: {err}", {"status": "BadTypeMismatch"})
+        else:
+            variants = [ua.Variant(a) for a in args]
+        request = ua.CallMethodRequest(ObjectId=obj, MethodId=method, InputArguments=variants)
+        result = (await client.uaclient.call([request]))[0]
+        code = result.StatusCode
+        outputs = [plain(v.Value) for v in (result.OutputArguments or [])]
+        if code.is_good():
+            return CommandResult(True, f"{command.name} done", {"status": code.name, "outputs": outputs})
+        bad_args = [f"args[{i}]: {c.name}" for i, c in enumerate(result.InputArgumentResults or []) if not c.is_good()]
+        detail = f" ({', '.join(bad_args)})" if bad_args else ""
+        self.log.info("method_refused", command=command.name, status=code.name)
+        return CommandResult(
+            False, f"the server refused {command.name}: {code.name}{detail}", {"status": code.name, "outputs": outputs}
+        )
+
+    async def _input_arguments(self, client: Client, method: ua.NodeId) -> list[ua.Argument]:
+        try:
+            prop = await client.get_node(method).get_child("0:InputArguments")
+            value = await prop.read_value()
+        except ua.UaStatusCodeError:
+            return []  # no declared inputs: arguments go as given
+        return list(value) if isinstance(value, list) else []
+
+
+class _ConfigFault(Exception):
+    """A connection setting that cannot work (a missing certificate file)."""
