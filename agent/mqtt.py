@@ -34,7 +34,8 @@ from agent.store import Store, StoredMessage, dumps
 
 log = structlog.get_logger("edge_agent.mqtt")
 
-WINDOW = 200  # messages handed to paho and not yet acknowledged
+WINDOW = 500  # messages handed to paho and not yet acknowledged
+FETCH = 1000  # messages read ahead from the store at a time
 DELETE_BATCH = 500
 DELETE_DELAY_S = 0.05
 HISTORICAL = b',"is_historical":true}'
@@ -84,7 +85,8 @@ class MqttSink:
         self._client: paho.Client | None = None
         self._lost: asyncio.Event | None = None
         self._inflight: dict[int, StoredMessage] = {}
-        self._last_sent = 0
+        self._fetched = 0  # id of the newest message read ahead from the store
+        self._ahead: collections.deque[StoredMessage] = collections.deque()
         self._replay_upto = 0
         self._stop = asyncio.Event()
         self._ack_signalled = False
@@ -259,7 +261,8 @@ class MqttSink:
         self.transitions.mark_up(broker=f"{m.host}:{m.port}")
         self._inflight.clear()
         self._acks.clear()
-        self._last_sent = 0
+        self._fetched = 0
+        self._ahead.clear()
         self._replay_upto = self.store.max_id()
         if self._replay_upto:
             log.info("mqtt_replay", messages=self.store.depth)
@@ -296,11 +299,17 @@ class MqttSink:
                     await self._goodbye(client)
                     return
             room = WINDOW - len(self._inflight)
-            if room > 0:
-                for msg in self.store.fetch(self._last_sent, room):
-                    self._send(client, msg)
-                    if self._lost.is_set():
-                        return
+            while room > 0:
+                if not self._ahead:
+                    # Read ahead in large batches: one query per FETCH messages, not one per acknowledgement.
+                    self._ahead.extend(self.store.fetch(self._fetched, FETCH))
+                    if not self._ahead:
+                        break
+                    self._fetched = self._ahead[-1].id
+                self._send(client, self._ahead.popleft())
+                room -= 1
+                if self._lost.is_set():
+                    return
             if deadline is None and not self._to_delete:
                 await self._wake.wait()
             elif deadline is None:
@@ -332,7 +341,6 @@ class MqttSink:
             self.last_error = f"publish failed: {paho.error_string(info.rc)}"
             self._lost.set()
             return
-        self._last_sent = msg.id
         if historical:
             metrics.MQTT_REPLAYED.inc()
         if msg.response_topic:
