@@ -152,6 +152,21 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - utcnow()).total_seconds())
 
 
+def _network_error(err: BaseException) -> str:
+    """What went wrong on the way to MPM, in words an operator can act on (never a credential)."""
+    if isinstance(err, TimeoutError):
+        return "timeout"
+    if isinstance(err, aiohttp.ClientConnectorCertificateError):
+        cert_err = err.certificate_error
+        detail = getattr(cert_err, "verify_message", None) or getattr(cert_err, "reason", None) or str(cert_err)
+        return f"TLS certificate verification failed: {detail}"
+    if isinstance(err, aiohttp.ClientConnectorSSLError):
+        return f"TLS error: {getattr(err.os_error, 'reason', None) or err.os_error}"
+    if isinstance(err, aiohttp.ClientConnectorError):
+        return f"cannot connect: {err.os_error.strerror or type(err.os_error).__name__}"
+    return type(err).__name__
+
+
 def _reason(body: Any, text: str) -> str:
     """A short human reason from an error answer: its message field, else the start of its text."""
     if isinstance(body, dict):
@@ -393,8 +408,7 @@ class MPMClient:
             except (aiohttp.ClientError, TimeoutError) as err:
                 MPM_LATENCY.labels(call=call).observe(time.monotonic() - started)
                 MPM_CALLS.labels(call=call, outcome="network").inc()
-                kind = "timeout" if isinstance(err, TimeoutError) else type(err).__name__
-                last = MPMTransientError(f"MPM {call} {method} {path}: {kind}")
+                last = MPMTransientError(f"MPM {call} {method} {path}: {_network_error(err)}")
                 last.__cause__ = err
                 attempt += 1
                 if attempt < attempts:

@@ -667,6 +667,9 @@ class Outbox:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+        if attempts == 1:
+            # The lane's transition to failing, logged once; the retries that follow are not.
+            log.warning("outbox_delivery_retrying", process_id=item.process_id, kind=item.kind, error=str(err))
         if len(self._failing_lanes) < 4:
             self._failing_lanes.add(item.process_id)
         # One stuck process is that process's problem; failures from two or more in a row mean MPM is down.

@@ -64,7 +64,7 @@ def require_tool(name: str) -> str:
 class Broker:
     """A mosquitto process on a free loopback port, which tests may stop and start again."""
 
-    def __init__(self, workdir: Path, extra_conf: str = "", port: int | None = None) -> None:
+    def __init__(self, workdir: Path, extra_conf: str = "", port: int | None = None, *, anonymous: bool = True) -> None:
         self.exe = require_tool("mosquitto")
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ class Broker:
         self.conf = workdir / "mosquitto.conf"
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            f"allow_anonymous {'true' if anonymous else 'false'}",
             "persistence true",
             f"persistence_location {workdir}/",
             "max_queued_messages 0",
@@ -130,7 +130,16 @@ class Received:
 class Recorder:
     """An MQTT 5 subscriber with a persistent session that records everything it receives."""
 
-    def __init__(self, port: int, topics: list[str], client_id: str | None = None, clean: bool = False) -> None:
+    def __init__(
+        self,
+        port: int,
+        topics: list[str],
+        client_id: str | None = None,
+        clean: bool = False,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.messages: list[Received] = []
         self.lock = threading.Lock()
         self.connected = threading.Event()
@@ -144,6 +153,8 @@ class Recorder:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.reconnect_delay_set(0.1, 0.5)
+        if username:
+            self.client.username_pw_set(username, password)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         self.client.connect_async("127.0.0.1", port, 30, clean_start=clean, properties=props)
@@ -351,19 +362,15 @@ kind = "reset"
 """
 
 
-class MpmPeer:
-    """The built-in MPM emulator served from its own thread and event loop, for tests of the daemon."""
+class LoopThread:
+    """An asyncio loop in its own thread, for async peers used by synchronous tests."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, name: str) -> None:
         import asyncio
 
-        from agent.simulate.mpm_emulator import MPMEmulator
-
         self.loop = asyncio.new_event_loop()
-        self.emu = MPMEmulator(**kwargs)
-        self.thread = threading.Thread(target=self.loop.run_forever, name="mpm-emulator", daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
-        self.base_url: str = self.run(self.emu.start("127.0.0.1", 0))
 
     def run(self, coro: Any) -> Any:
         import asyncio
@@ -378,8 +385,37 @@ class MpmPeer:
 
         return self.run(go())
 
-    def close(self) -> None:
-        self.run(self.emu.stop())
+    def stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(GUARD_S)
         self.loop.close()
+
+
+class MpmPeer(LoopThread):
+    """The built-in MPM emulator served from its own thread and event loop, for tests of the daemon."""
+
+    def __init__(self, *, ssl_context: Any = None, **kwargs: Any) -> None:
+        from agent.simulate.mpm_emulator import MPMEmulator
+
+        super().__init__("mpm-emulator")
+        self.emu = MPMEmulator(**kwargs)
+        self.base_url: str = self.run(self.emu.start("127.0.0.1", 0, ssl_context=ssl_context))
+
+    def close(self) -> None:
+        self.run(self.emu.stop())
+        self.stop_loop()
+
+
+class OpcUaPeer(LoopThread):
+    """The simulated OPC UA machine served from its own thread, for tests of the daemon."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        from agent.simulate.opcua_sim import MachineServer
+
+        super().__init__("opcua-server")
+        self.server = MachineServer(port=free_port(), **kwargs)
+        self.run(self.server.start())
+
+    def close(self) -> None:
+        self.run(self.server.stop())
+        self.stop_loop()

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -231,13 +232,13 @@ class MPMEmulator:
         app.router.add_get("/_emulator/calls", self._c_calls)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on host:port (0 picks a free port); returns the API's base URL."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Serve on host:port (0 picks a free port), over TLS with `ssl_context`; returns the API's base URL."""
         if self._runner is not None:
             raise RuntimeError("MPM emulator already started")
         runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         try:
             await site.start()
         except BaseException:
@@ -249,7 +250,8 @@ class MPMEmulator:
         sockets = getattr(server, "sockets", None) or []
         bound = sockets[0].getsockname()[1] if sockets else port
         shown = f"[{host}]" if ":" in host else host
-        self.base_url = f"http://{shown}:{bound}{self.base_path}"
+        scheme = "https" if ssl_context is not None else "http"
+        self.base_url = f"{scheme}://{shown}:{bound}{self.base_path}"
         log.info("mpm_emulator_started", base_url=self.base_url)
         return self.base_url
 
