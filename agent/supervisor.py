@@ -348,7 +348,9 @@ async def drive_equipment(
             state.update(connected=False, error=error)
             transitions.mark_down(error or "disconnected")
             monitor.on_connection(eq.id, ConnectionState(False, error))
-            await asyncio.sleep(backoff.next())
+            delay = backoff.next()
+            dlog.debug("driver_attempt_failed", error=error, retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
     finally:
         live.pop(eq.id, None)
 

@@ -419,3 +419,65 @@ class OpcUaPeer(LoopThread):
     def close(self) -> None:
         self.run(self.server.stop())
         self.stop_loop()
+
+
+class SocatPair:
+    """A `socat` pty pair: one program opens `a`, the other `b`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.exe = require_tool("socat")
+        self.a = folder / "device-side.tty"
+        self.b = folder / "host-side.tty"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "-d", "-d", f"pty,raw,echo=0,link={self.a}", f"pty,raw,echo=0,link={self.b}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: self.a.exists() and self.b.exists(), what="socat's pty links")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(GUARD_S)
+            self.proc = None
+        for link in (self.a, self.b):
+            link.unlink(missing_ok=True)
+
+
+class PrinterPeer(LoopThread):
+    """The virtual Marlin printer served on one end of a socat pair from its own thread."""
+
+    def __init__(self, folder: Path, **options: Any) -> None:
+        import asyncio
+
+        from agent.simulate.printer_sim import VirtualPrinter
+
+        super().__init__("virtual-printer")
+        self.pair = SocatPair(folder)
+        self.pair.start()
+        self.printer = VirtualPrinter(**options)
+
+        async def serve() -> Any:
+            return asyncio.ensure_future(self.printer.serve_path(self.pair.a))
+
+        self.task = self.run(serve())
+
+    @property
+    def port(self) -> Path:
+        """Where the host (the daemon) opens the line."""
+        return self.pair.b
+
+    def close(self) -> None:
+        import contextlib
+
+        async def cancel() -> None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+
+        self.run(cancel())
+        self.pair.stop()
+        self.stop_loop()
