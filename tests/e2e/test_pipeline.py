@@ -179,3 +179,25 @@ def test_heartbeat_stale_and_rebirth(tmp_path: Path, broker: Broker) -> None:
     finally:
         daemon.kill()
         rec.close()
+
+
+def test_alert_clear_after_restart_repeats_the_id(tmp_path: Path, broker: Broker) -> None:
+    script = tmp_path / "s.jsonl"
+    cfg = write_config(tmp_path, broker.port, scripted_equipment("m1", script))
+    rec = Recorder(broker.port, [f"{R}/equipment/+/alerts"])
+    daemon = Daemon(cfg).start()
+    try:
+        script_line(script, tag="temp", value=90.0)
+        active = rec.wait_for(lambda ms: ms, "active alert")[0].json
+        assert active["state"] == "active"
+        daemon.kill()  # no clean stop: the alert's state must already be durable
+        daemon = Daemon(cfg).start()
+        script_line(script, tag="temp", value=60.0)
+        cleared = rec.wait_for(lambda ms: [m.json for m in ms if m.json["state"] == "cleared"], "cleared")[0]
+        assert cleared["alert_id"] == active["alert_id"] and cleared["threshold"] == 75.0
+        # the active alert may be delivered again from the store (at least once), never as a new alert
+        assert {m.json["alert_id"] for m in rec.messages} == {active["alert_id"]}
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        rec.close()
