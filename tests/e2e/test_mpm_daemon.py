@@ -155,3 +155,59 @@ def test_status_sync_and_load_process(tmp_path: Path, broker: Broker, mpm: MpmPe
     finally:
         daemon.kill()
         rec.close()
+
+
+def test_dead_letters_over_http(tmp_path: Path, broker: Broker, mpm: MpmPeer) -> None:
+    import urllib.error
+    import urllib.request
+
+    from peers import free_port
+
+    port = free_port()
+    (tmp_path / "admin.key").write_text("admin-key-1\n")
+    (tmp_path / "viewer.key").write_text("viewer-key-1\n")
+    http = (
+        f'[http]\nlisten = "127.0.0.1:{port}"\n'
+        '[[http.api_keys]]\nname = "admin"\nkey_file = "admin.key"\nrole = "admin"\n'
+        '[[http.api_keys]]\nname = "viewer"\nkey_file = "viewer.key"\nrole = "viewer"\n'
+    )
+    script = tmp_path / "press.jsonl"
+    body = f'[mpm]\nbase_url = "{mpm.base_url}"\n' + scripted_equipment("press-1", script)
+    cfg = write_config(tmp_path, broker.port, body, http=http)
+
+    def call(method: str, path: str, key: str) -> tuple[int, dict]:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+        req.add_header("X-API-Key", key)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    daemon = Daemon(cfg).start()
+    try:
+        mpm.call(mpm.emu.reject_next, 2, 400)
+        script_line(script, op="quality", result=result(1, "PROC-001"), key="dl-1")
+        script_line(script, op="quality", result=result(2, "PROC-002"), key="dl-2")
+
+        def two_dead() -> list[dict] | None:
+            letters = call("GET", "/api/v1/dead-letters", "viewer-key-1")[1]["dead_letters"]
+            return letters if len(letters) == 2 else None
+
+        dead = wait_until(two_dead, what="two dead letters")
+        by_key = {d["idempotency_key"]: d for d in dead}
+        one = by_key["dl-1"]
+        assert one["kind"] == "quality_result" and one["status_code"] == 400 and one["process_id"] == "PROC-001"
+        assert one["equipment_id"] == "press-1" and one["reason"] and one["body"]["measurements"] == [{"n": 1}]
+        assert call("POST", f"/api/v1/dead-letters/{one['id']}/retry", "viewer-key-1")[0] == 403
+        assert call("POST", f"/api/v1/dead-letters/{one['id']}/retry", "admin-key-1")[0] == 200
+        wait_until(lambda: [r for r in mpm.call(mpm.emu.results) if r["idempotency_key"] == "dl-1"], what="retried")
+        two = by_key["dl-2"]
+        assert call("DELETE", f"/api/v1/dead-letters/{two['id']}", "admin-key-1")[0] == 200
+        assert call("DELETE", f"/api/v1/dead-letters/{two['id']}", "admin-key-1")[0] == 404
+        assert call("GET", "/api/v1/dead-letters", "viewer-key-1")[1]["dead_letters"] == []
+        health = call("GET", "/healthz", "viewer-key-1")[1]
+        assert health["components"]["outbox"]["dead_letters"] == 0
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
