@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import os
 import signal
 import time
 import uuid
@@ -160,9 +161,14 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         # Stop drivers first so nothing new arrives, then flush what the monitor holds, then drain MQTT.
-        for task in list(self.driver_tasks.values()):
+        tasks = list(self.driver_tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.driver_tasks.values(), return_exceptions=True)
+        stuck: set[asyncio.Task[None]] = set()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=max(5.0, self.cfg.agent.shutdown_grace_s))
+        for task in stuck:
+            log.error("driver_stuck_on_stop", task=task.get_name())
         if self.router is not None:
             await self.router.close()
         if self.monitor is not None:
@@ -171,6 +177,11 @@ class Supervisor:
         if self.mqtt is not None and self._mqtt_task is not None:
             self.mqtt.request_stop()
             await asyncio.gather(self._mqtt_task, return_exceptions=True)
+        if stuck:
+            # Everything is durable by now; a driver that ignores cancellation must not keep the process up.
+            log.error("exiting_with_stuck_drivers", drivers=[t.get_name() for t in stuck])
+            self.store.close()
+            os._exit(0)
 
     # -- optional components
 
@@ -316,7 +327,12 @@ async def drive_equipment(
                     metrics.DRIVER_CONNECTED.labels(eq.id).set(1)
                     state.update(connected=True, error=None, last_success=iso(utcnow()))
                     monitor.on_connection(eq.id, ConnectionState(True))
+                    me = asyncio.current_task()
                     async for ev in driver.events():
+                        if me is not None and me.cancelling():
+                            # asyncio.wait_for in 3.11 can swallow a cancel that races a result (gh-86296);
+                            # a driver awaiting it would then poll on after being told to stop.
+                            raise asyncio.CancelledError
                         if type(ev) is Reading:
                             monitor.on_reading(eq.id, ev)
                         elif isinstance(ev, QualityResult):
@@ -333,6 +349,10 @@ async def drive_equipment(
             except asyncio.CancelledError:
                 raise
             except Exception as err:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # A library turned our cancellation into its own error: stop anyway.
+                    raise asyncio.CancelledError from err
                 error = describe(err)
                 if not isinstance(err, (OSError, ConnectionError, TimeoutError)):
                     dlog.warning(

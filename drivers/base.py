@@ -171,7 +171,10 @@ class PollingDriver(Driver):
         await asyncio.sleep(random.uniform(0, min(interval, 1.0) * 0.1))
         next_tick = time.monotonic()
         slow = False
+        me = asyncio.current_task()
         while True:
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError  # a cancel swallowed by a library call (see drive_equipment)
             started = time.monotonic()
             for event in await self.read_once():
                 yield event
