@@ -126,7 +126,8 @@ class CommandRouter:
             raise CommandError(f"equipment {eid!r} is offline", "offline", 409)
         if cmd.kind == "load_process":
             return await self._load_process(eq, driver, checked["process_id"])
-        return await asyncio.wait_for(driver.send_command(cmd, checked), timeout=COMMAND_TIMEOUT_S)
+        async with asyncio.timeout(COMMAND_TIMEOUT_S):
+            return await driver.send_command(cmd, checked)
 
     def _equipment(self, eid: str) -> EquipmentConfig | None:
         for eq in self.cfg.equipment:
@@ -169,7 +170,8 @@ class CommandRouter:
             plan.append((param, wcmd, checked))
         written: list[dict[str, Any]] = []
         for param, wcmd, checked in plan:
-            res = await asyncio.wait_for(driver.send_command(wcmd, checked), timeout=COMMAND_TIMEOUT_S)
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                res = await driver.send_command(wcmd, checked)
             if not res.success:
                 return CommandResult(
                     False,

@@ -33,6 +33,7 @@ from agent.model import (
     json_safe,
     utcnow,
 )
+from agent.waits import wait_event
 
 log = structlog.get_logger("edge_agent.monitor")
 
@@ -294,9 +295,11 @@ class Monitor:
                 metrics.OUTBOX_DUPLICATES.inc()
             self.publish_quality(eid, result, delivery, q.idempotency_key, **extra)
         except Exception as err:
+            # Not durable: the driver keeps its source (a file stays claimed) and offers it again later.
+            log.error("quality_result_not_committed", equipment_id=eid, key=q.idempotency_key, error=str(err))
             if q.committed is not None and not q.committed.done():
                 q.committed.set_exception(err)
-            raise
+            return
         if q.committed is not None and not q.committed.done():
             q.committed.set_result(new)
         if st is not None:
@@ -481,10 +484,7 @@ class Monitor:
                 self.tick()
                 next_tick = now + 0.25
             wait = max(0.0, min(next_flush, next_tick) - time.monotonic())
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=wait)
-            except TimeoutError:
-                pass
+            await wait_event(stop, wait)
         self.flush()
 
     # -- read access (HTTP API, Python API)

@@ -31,6 +31,7 @@ from agent.config import AgentConfig
 from agent.model import iso, utcnow
 from agent.reconnect import Backoff, Transitions
 from agent.store import Store, StoredMessage, dumps
+from agent.waits import wait_event
 
 log = structlog.get_logger("edge_agent.mqtt")
 
@@ -226,8 +227,7 @@ class MqttSink:
             )
             delay = backoff.next()
             log.debug("mqtt_attempt_failed", error=self.last_error, retry_in_s=round(delay, 2))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+            await wait_event(stop, delay)
 
     async def _session(self, stop: asyncio.Event) -> None:
         m = self.cfg.mqtt
@@ -239,10 +239,8 @@ class MqttSink:
         self._paho_error = None
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0
-        await asyncio.wait_for(
-            asyncio.to_thread(client.connect, m.host, m.port, m.keepalive_s, clean_start=True, properties=props),
-            timeout=max(10.0, m.keepalive_s),
-        )
+        async with asyncio.timeout(max(10.0, m.keepalive_s)):
+            await asyncio.to_thread(client.connect, m.host, m.port, m.keepalive_s, clean_start=True, properties=props)
         client.loop_start()
         waiter = asyncio.create_task(self._connack_ok.wait())
         lost = asyncio.create_task(self._lost.wait())
@@ -313,18 +311,17 @@ class MqttSink:
             if deadline is None and not self._to_delete:
                 await self._wake.wait()
             elif deadline is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=max(0.001, self._delete_due - time.monotonic()))
+                await wait_event(self._wake, max(0.001, self._delete_due - time.monotonic()))
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=max(0.01, min(0.1, deadline - time.monotonic())))
+                await wait_event(self._wake, max(0.01, min(0.1, deadline - time.monotonic())))
 
     async def _goodbye(self, client: paho.Client) -> None:
         """The clean stop: the retained offline state (the will is not sent on a normal disconnect)."""
         offline = {"online": False, "agent_id": self.cfg.agent.id, "site": self.cfg.agent.site, "session": self.session}
         info = client.publish(f"{self.root}/state", dumps(offline), qos=1, retain=True)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.to_thread(info.wait_for_publish, 2.0), timeout=3.0)
+            async with asyncio.timeout(3.0):
+                await asyncio.to_thread(info.wait_for_publish, 2.0)
         self._handle_acks()
         self._flush_deletes()
         if self.store.depth:

@@ -7,6 +7,8 @@ import contextlib
 import os
 import socket
 
+from agent.waits import wait_event
+
 
 def notify(message: str) -> bool:
     """Send `message` (e.g. "READY=1") to systemd; False when not run by systemd or on failure."""
@@ -42,5 +44,4 @@ async def watchdog(stop: asyncio.Event) -> None:
         return
     while not stop.is_set():
         notify("WATCHDOG=1")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+        await wait_event(stop, interval)

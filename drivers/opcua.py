@@ -424,10 +424,12 @@ class OpcUaDriver(Driver):
         self.subscription = None
         if sub is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(sub.delete(), self.conn.timeout_s)
+                async with asyncio.timeout(self.conn.timeout_s):
+                    await sub.delete()
         if client is not None:
             try:
-                await asyncio.wait_for(client.disconnect(), self.conn.timeout_s)
+                async with asyncio.timeout(self.conn.timeout_s):
+                    await client.disconnect()
             except Exception:
                 # A dead link: drop the socket; nothing more to tell the server.
                 with contextlib.suppress(Exception):
@@ -470,7 +472,8 @@ class OpcUaDriver(Driver):
         """The server's endpoints over an unauthenticated channel, to explain a refusal; None if unknown."""
         probe = Client(self.conn.endpoint, timeout=self.conn.timeout_s)
         try:
-            return await asyncio.wait_for(probe.connect_and_get_server_endpoints(), self.conn.timeout_s)
+            async with asyncio.timeout(self.conn.timeout_s):
+                return await probe.connect_and_get_server_endpoints()
         except Exception:
             return None
 
