@@ -31,6 +31,7 @@ import structlog
 from agent.errors import RejectedError, TransientError
 from agent.metrics import OUTBOX_DELIVERED, OUTBOX_DEPTH, OUTBOX_REJECTED
 from agent.model import iso, json_safe, utcnow
+from agent.sqlite_file import open_durable
 
 if TYPE_CHECKING:
     from agent.mpm import MPMClient
@@ -179,47 +180,19 @@ class Outbox:
     # ---- the database -------------------------------------------------------------------------
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._connect()
-        except sqlite3.DatabaseError as err:
-            self._set_aside(err)
-            self._connect()
+        self._db = open_durable(self.path, _SCHEMA, what="outbox", prepare=self._prepare)
+        self._depth_changed()
         log.info("outbox_opened", path=str(self.path), pending=self._depth)
 
-    def _connect(self) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a process crash; only an OS crash may lose the last commits.
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            ok = db.execute("PRAGMA quick_check").fetchone()
-            if not ok or ok[0] != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {ok[0] if ok else 'no answer'}")
-            # A restart retries at once; lanes of pending items that lost their row get one back.
-            db.execute("UPDATE lanes SET next_attempt_at = 0")
-            db.execute(
-                "INSERT OR IGNORE INTO lanes(process_id, next_attempt_at, attempts, position) "
-                "SELECT process_id, 0, 0, MIN(id) FROM items WHERE state = 'pending' GROUP BY process_id"
-            )
-            self._depth = db.execute("SELECT COUNT(*) FROM items WHERE state = 'pending'").fetchone()[0]
-            self._position = db.execute("SELECT COALESCE(MAX(position), 0) FROM lanes").fetchone()[0]
-        except sqlite3.DatabaseError:
-            db.close()
-            raise
-        self._db = db
-        self._depth_changed()
-
-    def _set_aside(self, err: Exception) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(str(self.path) + suffix)
-            if src.exists():
-                with contextlib.suppress(OSError):
-                    src.rename(Path(f"{self.path}.corrupt-{stamp}{suffix}"))
-        aside = f"{self.path}.corrupt-{stamp}"
-        log.error("outbox_corrupt_renamed", path=str(self.path), error=str(err), renamed_to=aside)
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        # A restart retries at once; lanes of pending items that lost their row get one back.
+        db.execute("UPDATE lanes SET next_attempt_at = 0")
+        db.execute(
+            "INSERT OR IGNORE INTO lanes(process_id, next_attempt_at, attempts, position) "
+            "SELECT process_id, 0, 0, MIN(id) FROM items WHERE state = 'pending' GROUP BY process_id"
+        )
+        self._depth = db.execute("SELECT COUNT(*) FROM items WHERE state = 'pending'").fetchone()[0]
+        self._position = db.execute("SELECT COALESCE(MAX(position), 0) FROM lanes").fetchone()[0]
 
     @property
     def db(self) -> sqlite3.Connection:

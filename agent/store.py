@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import structlog
 
 from agent import metrics
 from agent.model import json_safe
+from agent.sqlite_file import open_durable
 
 log = structlog.get_logger("edge_agent.store")
 
@@ -108,44 +108,14 @@ class Store:
     def open(self) -> None:
         """Open (or create) the database; a corrupt file is renamed aside and a fresh one started."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self._connect()
-        except sqlite3.DatabaseError as err:
-            self._set_aside(err)
-            self._connect()
+        # A queue read in order needs little cache; the default 2 MiB is memory a small box misses.
+        self._db = open_durable(self.path, _SCHEMA, what="store", prepare=self._count, cache_kib=256)
         self._load_seq()
         metrics.STORE_DEPTH.set(self._depth)
 
-    def _connect(self) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a process crash (SIGKILL); only an OS crash may lose the last commits.
-            db.execute("PRAGMA synchronous=NORMAL")
-            # A queue read in order needs little cache; the default 2 MiB is memory a small box misses.
-            db.execute("PRAGMA cache_size=-256")
-            db.executescript(_SCHEMA)
-            ok = db.execute("PRAGMA quick_check").fetchone()
-            if not ok or ok[0] != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {ok[0] if ok else 'no answer'}")
-            self._depth = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-            self._telemetry = db.execute("SELECT COUNT(*) FROM messages WHERE kind='telemetry'").fetchone()[0]
-        except sqlite3.DatabaseError:
-            db.close()
-            raise
-        self._db = db
-
-    def _set_aside(self, err: Exception) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(str(self.path) + suffix)
-            if src.exists():
-                dst = Path(f"{self.path}.corrupt-{stamp}{suffix}")
-                with contextlib.suppress(OSError):
-                    src.rename(dst)
-        log.error(
-            "store_corrupt_renamed", path=str(self.path), error=str(err), renamed_to=f"{self.path}.corrupt-{stamp}"
-        )
+    def _count(self, db: sqlite3.Connection) -> None:
+        self._depth = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        self._telemetry = db.execute("SELECT COUNT(*) FROM messages WHERE kind='telemetry'").fetchone()[0]
 
     def close(self) -> None:
         """Close the database."""
