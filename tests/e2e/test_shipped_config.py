@@ -67,7 +67,8 @@ def test_shipped_config_on_simulators(tmp_path: Path, broker: Broker) -> None:
             rec.wait_for(lambda ms, eid=eid: rec.select(f"/equipment/{eid}/telemetry"), f"{eid} telemetry")
         # inspection reports from the CMM reach MPM and are published as delivered
         rec.wait_for(
-            lambda ms: [m for m in rec.select("cmm-1/quality") if m.json["mpm_delivery"] == "delivered"], "a delivered report"
+            lambda ms: [m for m in rec.select("cmm-1/quality") if m.json["mpm_delivery"] == "delivered"],
+            "a delivered report",
         )
         # the local API answers with the same equipment
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/api/v1/equipment", timeout=30) as resp:
