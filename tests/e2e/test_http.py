@@ -225,3 +225,22 @@ def test_no_keys_reads_open_on_loopback_commands_403(tmp_path: Path, broker: Bro
         assert daemon.stop() == 0
     finally:
         daemon.kill()
+
+
+def test_metrics_auth_needs_a_viewer_key(tmp_path: Path, broker: Broker) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, broker.port, http=http_section(port, "metrics_auth = true"))
+    daemon = Daemon(cfg, env=ENV).start()
+    try:
+        daemon.wait_log("http_listening")
+        s, b, _ = call(port, "GET", "/metrics")
+        assert_error(s, b, 401)
+        s, b, _ = call(port, "GET", "/metrics", "wrong-key")
+        assert_error(s, b, 401)
+        for key in KEYS.values():
+            s, _, text = call(port, "GET", "/metrics", key)
+            assert s == 200 and "edge_agent_mqtt_connected" in text
+        assert call(port, "GET", "/healthz")[0] == 200  # health stays open
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
