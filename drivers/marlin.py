@@ -8,6 +8,7 @@ and hands every other line to a callback. What those lines mean is the printer d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import OrderedDict, deque
@@ -270,10 +271,9 @@ class MarlinLink:
         """Discard what the port buffered before us and start reading."""
         port = self._writer.transport.get_extra_info("serial")
         if port is not None:
-            try:
+            # A stale line or two left in the buffer is harmless: the handshake waits for its own ok.
+            with contextlib.suppress(serial.SerialException, OSError, ValueError):
                 port.reset_input_buffer()
-            except (serial.SerialException, OSError, ValueError):
-                pass  # a stale line or two is harmless: the handshake waits for its own ok
         self._task = asyncio.create_task(self._read_loop(), name=f"serial-reader[{self._name}]")
 
     # -- reading
