@@ -244,3 +244,20 @@ def test_metrics_auth_needs_a_viewer_key(tmp_path: Path, broker: Broker) -> None
         assert daemon.stop() == 0
     finally:
         daemon.kill()
+
+
+def test_rate_limit_answers_429(tmp_path: Path, broker: Broker) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, broker.port, http=http_section(port, "rate_limit_per_minute = 5"))
+    daemon = Daemon(cfg, env=ENV).start()
+    try:
+        daemon.wait_log("http_listening")
+        codes = [call(port, "GET", "/api/v1/equipment", KEYS["viewer"])[0] for _ in range(8)]
+        assert codes[:5] == [200] * 5 and 429 in codes[5:]
+        s, b, _ = call(port, "GET", "/api/v1/equipment", KEYS["viewer"])
+        assert_error(s, b, 429)
+        # the limit is per key: another key still gets through
+        assert call(port, "GET", "/api/v1/equipment", KEYS["admin"])[0] == 200
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
