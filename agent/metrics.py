@@ -42,6 +42,13 @@ DRIVER_DROPPED = Counter(
     "edge_agent_driver_dropped_total", "Notifications dropped by a driver's queue", ["equipment_id"], registry=REGISTRY
 )
 
+TELEMETRY_VALUES = Counter(
+    "edge_agent_telemetry_values_total",
+    "Values reported in telemetry (after deadband)",
+    ["equipment_id"],
+    registry=REGISTRY,
+)
+
 # MQTT and the store
 MQTT_PUBLISHED = Counter(
     "edge_agent_mqtt_published_total", "Messages acknowledged by the broker", ["kind"], registry=REGISTRY

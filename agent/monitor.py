@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
@@ -163,6 +163,8 @@ class Monitor:
         # Sources stamp many values with one timestamp object: format it once.
         self._last_ts: datetime | None = None
         self._last_iso = ""
+        self._sec_key: tuple[int, int, int, int, int, int] | None = None
+        self._sec_prefix = ""
         self.apply_config(cfg)
 
     # -- configuration
@@ -244,7 +246,8 @@ class Monitor:
             st.reported[tag] = (r.value, r.quality)
             ts = r.ts
             if ts is not self._last_ts:
-                self._last_ts, self._last_iso = ts, iso(ts)
+                self._last_ts = ts
+                self._last_iso = self._iso(ts)
             st.pending.append(
                 f'{{"tag":{_tag_json(tag)},"value":{encode_value(r.value)},"unit":{st.units.get(tag, "null")},'
                 f'"ts":"{self._last_iso}","quality":"{r.quality}"}}'
@@ -255,6 +258,16 @@ class Monitor:
             self._update_status(st)
         if tag in st.alerts and r.quality != "bad":
             self._check_alerts(st, tag, r)
+
+    def _iso(self, ts: datetime) -> str:
+        """`iso(ts)`, formatting the date and time once per second: sources give each value its own stamp."""
+        if ts.tzinfo is not UTC:
+            return iso(ts)
+        key = (ts.year, ts.month, ts.day, ts.hour, ts.minute, ts.second)
+        if key != self._sec_key:
+            self._sec_key = key
+            self._sec_prefix = ts.strftime("%Y-%m-%dT%H:%M:%S.")
+        return f"{self._sec_prefix}{ts.microsecond // 1000:03d}Z"
 
     def on_connection(self, eid: str, ev: ConnectionState) -> None:
         """The driver's link went up or down."""
@@ -450,7 +463,7 @@ class Monitor:
                 continue
             pending, st.pending = st.pending, []
             count += len(pending)
-            metrics.DRIVER_VALUES.labels(st.cfg.id).inc(len(pending))
+            metrics.TELEMETRY_VALUES.labels(st.cfg.id).inc(len(pending))
             topic = f"{self._root}/equipment/{st.cfg.id}/telemetry"
             head = f'{{"equipment_id":{json.dumps(st.cfg.id)},"timestamp":"{iso(utcnow())}","values":['
             for i in range(0, len(pending), MAX_VALUES_PER_MESSAGE):
