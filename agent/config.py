@@ -33,18 +33,6 @@ from agent.tomlpos import KeyLocator, format_path
 
 DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
 ID_PATTERN = r"^[A-Za-z0-9_-]+$"
-EQUIPMENT_TYPES = (
-    "cnc_mill",
-    "cnc_lathe",
-    "3d_printer",
-    "laser_cutter",
-    "sensor",
-    "plc",
-    "robot_arm",
-    "cmm",
-    "other",
-)
-ROLES = ("viewer", "operator", "admin")
 # Command kinds the router runs itself, on any driver that has write commands.
 ROUTER_KINDS = frozenset({"load_process"})
 Role = Literal["viewer", "operator", "admin"]

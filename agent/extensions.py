@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agent.supervisor import Supervisor
-
-
-class Extension(Protocol):
-    """A component with an async start and stop."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
 
 
 def build_extensions(sup: Supervisor) -> list[Any]:

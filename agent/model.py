@@ -6,23 +6,10 @@ import asyncio
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import Enum, StrEnum
+from enum import Enum
 from typing import Any
 
 STATUSES = ("offline", "idle", "running", "paused", "error", "maintenance", "unknown")
-QUALITIES = ("good", "uncertain", "bad")
-
-
-class Status(StrEnum):
-    """Equipment status values of the contract."""
-
-    OFFLINE = "offline"
-    IDLE = "idle"
-    RUNNING = "running"
-    PAUSED = "paused"
-    ERROR = "error"
-    MAINTENANCE = "maintenance"
-    UNKNOWN = "unknown"
 
 
 def utcnow() -> datetime:

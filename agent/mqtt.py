@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import ssl
 import time
 from collections.abc import Callable
@@ -28,7 +27,6 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import metrics
 from agent.config import AgentConfig
-from agent.model import iso, utcnow
 from agent.reconnect import Backoff, Transitions
 from agent.store import Store, StoredMessage, dumps
 from agent.waits import wait_event
@@ -414,13 +412,3 @@ def describe(err: BaseException) -> str:
         return "timed out"
     text = str(err) or type(err).__name__
     return text
-
-
-def now_iso() -> str:
-    """The current time as the contract formats it."""
-    return iso(utcnow())
-
-
-def parse_json(payload: bytes) -> Any:
-    """Decode a JSON payload (raises ValueError)."""
-    return json.loads(payload.decode("utf-8"))

@@ -318,11 +318,6 @@ class Store:
 
     # -- key-value state (alerts, bookkeeping)
 
-    def get_state(self, key: str) -> Any:
-        """A JSON value stored under `key`, or None."""
-        row = self.db.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
-
     def set_state(self, key: str, value: Any) -> None:
         """Store a JSON value under `key` (None deletes it)."""
         try:
