@@ -1,4 +1,8 @@
-"""OPC UA driver (asyncua): one subscription, iterator mode, security, writes and method calls.
+"""OPC UA driver (asyncua): one subscription, notifications taken in whole batches, security, writes and methods.
+
+asyncua's iterator mode wraps every value in a queued event object of its own, which cost more CPU than
+the rest of the daemon's path per value; the subscription here queues each notification's item list
+as it arrives, bounded in values, and `events()` walks the lists.
 
 Recovery is left to the supervisor: a lost session makes `events()` raise, the supervisor leaves the
 context and re-enters it with backoff. asyncua's own auto-reconnect re-creates monitored items from the
@@ -15,7 +19,9 @@ import logging
 import math
 import re
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from enum import Enum
@@ -24,7 +30,8 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from asyncua import Client, ua
-from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent, Subscription
+from asyncua.client.ua_session import UaSession
+from asyncua.common.subscription import Subscription
 from asyncua.crypto import security_policies, uacrypto
 from asyncua.observer import Observer
 from cryptography import x509
@@ -279,11 +286,12 @@ def _hint(name: str) -> str:
 
 
 class _Counters(Observer):
-    """asyncua observer: request latency and notification accounting (to count queue drops exactly)."""
+    """asyncua observer: request latency, publish responses and the values they carried."""
 
     def __init__(self, equipment_id: str) -> None:
         self.latency = metrics.DRIVER_LATENCY.labels(equipment_id)
         self.reads = metrics.DRIVER_READS.labels(equipment_id)
+        self.values = metrics.DRIVER_VALUES.labels(equipment_id)
         self.produced = 0
 
     def observe_request(self, request: Any) -> AbstractContextManager[None]:
@@ -298,6 +306,79 @@ class _Counters(Observer):
     def on_notification(self, subscription_id: int | None, event_count: int) -> None:
         self.produced += event_count
         self.reads.inc()
+        self.values.inc(event_count)  # once per publish response, as the other drivers count per poll
+
+
+class _BatchSubscription(Subscription):
+    """A subscription that queues each notification's item list whole, not one asyncua event per value."""
+
+    def __init__(
+        self,
+        session: UaSession,
+        params: ua.CreateSubscriptionParameters,
+        maxsize: int,
+        on_dropped: Callable[[int], None],
+    ) -> None:
+        # asyncua's own per-event queue stays empty: publish_callback below replaces its delivery.
+        super().__init__(session, params, None, queue_maxsize=1)
+        # Item lists of data changes, and a bad status code where the server or the client ended it.
+        self.batches: deque[list[ua.MonitoredItemNotification] | ua.StatusCode] = deque()
+        self.pending = 0  # values in `batches`
+        self.maxsize = maxsize
+        self.closed = False
+        self.ready = asyncio.Event()
+        self._on_dropped = on_dropped
+
+    async def publish_callback(self, publish_result: ua.PublishResult) -> None:
+        self.last_publish_at = time.monotonic()
+        message = publish_result.NotificationMessage
+        data = message.NotificationData
+        if data is None:
+            return
+        self.last_sequence_number = int(message.SequenceNumber)
+        if not data:
+            return  # a keep-alive
+        values = 0
+        for notif in data:
+            if type(notif) is ua.DataChangeNotification:
+                items = notif.MonitoredItems
+                if items:
+                    self.batches.append(items)
+                    values += len(items)
+            elif isinstance(notif, ua.StatusChangeNotification):
+                if notif.Status is not None and notif.Status.is_bad():
+                    self.batches.append(notif.Status)
+        if values:
+            self.pending += values
+            if self.pending > self.maxsize:
+                self._trim(self.pending - self.maxsize)
+        self.ready.set()
+        self._observe(lambda: self.server.observer.on_notification(self.subscription_id, values))
+
+    def _trim(self, excess: int) -> None:
+        """Drop the oldest `excess` values (never a status), so a slow consumer costs bounded memory."""
+        batches = self.batches
+        held: list[ua.StatusCode] = []
+        dropped = 0
+        while dropped < excess and batches:
+            entry = batches.popleft()
+            if isinstance(entry, ua.StatusCode):
+                held.append(entry)
+                continue
+            n = min(len(entry), excess - dropped)
+            if n < len(entry):
+                batches.appendleft(entry[n:])
+            dropped += n
+        for status in reversed(held):
+            batches.appendleft(status)
+        self.pending -= dropped
+        self._on_dropped(dropped)
+
+    def _close_iterator(self) -> None:
+        # Called by delete(): the consumer drains what is queued, then ends.
+        super()._close_iterator()
+        self.closed = True
+        self.ready.set()
 
 
 # ---- the driver ------------------------------------------------------------------------------------
@@ -320,7 +401,7 @@ class OpcUaDriver(Driver):
         refs = set(equipment.status.tag_refs().values()) if equipment.status else set()
         self.status_tags = {t.name for t in self.tags if t.name in refs}
         self.client: Client | None = None
-        self.subscription: Subscription | None = None
+        self.subscription: _BatchSubscription | None = None
         self.node_ids: dict[str, ua.NodeId] = {}  # resolved node ids by tag name ("cmd:<name>:object" too)
         self.unavailable: dict[str, str] = {}  # tag name -> why it reads bad
         self.handles: dict[int, OpcUaTag] = {}
@@ -330,13 +411,11 @@ class OpcUaDriver(Driver):
         self._inputs: dict[str, list[ua.Argument]] = {}
         self._initial: list[Reading] = []
         self._counters = _Counters(equipment.id)
-        self._consumed = 0
         self._lost: BaseException | None = None
         self._closing = False
         self._scale_warned: set[str] = set()
         self._reported: dict[str, str] = {}
         self._dropped_metric = metrics.DRIVER_DROPPED.labels(equipment.id)
-        self._values_metric = metrics.DRIVER_VALUES.labels(equipment.id)
         self._errors_metric = metrics.DRIVER_ERRORS
 
     # -- config hooks
@@ -590,11 +669,9 @@ class OpcUaDriver(Driver):
         self.queue_maxsize = self._queue_maxsize(queued)
         self.handles = {}
         self._initial = []
-        self._consumed = 0
         self._counters.produced = 0
         self.dropped = 0
-        sub = await client.create_subscription(conn.publishing_interval_ms, None, queue_maxsize=self.queue_maxsize)
-        self.subscription = sub
+        sub = await self._create_subscription(client, conn.publishing_interval_ms)
         requests = []
         for handle, tag in enumerate(monitored, start=1):
             rv = ua.ReadValueId(NodeId=self.node_ids[tag.name], AttributeId=ua.AttributeIds.Value)
@@ -622,6 +699,27 @@ class OpcUaDriver(Driver):
                 self._initial.append(Reading(tag.name, None, now, "bad"))
         self._log_availability()
 
+    async def _create_subscription(self, client: Client, period_ms: float) -> _BatchSubscription:
+        """What Client.create_subscription does, with the batch-queueing subscription."""
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=period_ms,
+            RequestedLifetimeCount=10000,
+            RequestedMaxKeepAliveCount=client.get_keepalive_count(period_ms),
+            MaxNotificationsPerPublish=10000,
+            PublishingEnabled=True,
+            Priority=0,
+        )
+        sub = _BatchSubscription(client.uaclient.session, params, self.queue_maxsize, self._note_dropped)
+        # Set before init: a failing connect tears it down like any other.
+        self.subscription = sub
+        results = await sub.init()
+        revised = client.get_subscription_revised_params(params, results)
+        if revised:
+            await sub.update(revised)
+        # The client's stale-subscription watchdog re-creates what it finds here.
+        client._subscriptions.append(sub)
+        return sub
+
     def _log_availability(self) -> None:
         """Log a node becoming unavailable or available again once, not at every reconnect."""
         nodes = {t.name: t.node for t in self.tags}
@@ -642,8 +740,8 @@ class OpcUaDriver(Driver):
 
     def _queue_maxsize(self, queued: int) -> int:
         # One publish response may carry every queued value of every item at once; the client-side
-        # queue must hold all of them (twice, for a consumer one response behind) or asyncua drops
-        # the oldest without a word.
+        # queue must hold all of them (twice, for a consumer one response behind), or the oldest are
+        # dropped (counted and logged).
         return max(1000, 2 * queued + 16)
 
     def _queue_size(self, tag: OpcUaTag) -> int:
@@ -669,23 +767,24 @@ class OpcUaDriver(Driver):
             yield reading
         self._initial = []
         handles = self.handles
-        counters = self._counters
-        maxsize = self.queue_maxsize
-        async for ev in sub:
-            self._consumed += 1
-            # Exact drop count: a full queue can hold at most maxsize; asyncua dropped the excess.
-            backlog = counters.produced - self._consumed - self.dropped
-            if backlog >= maxsize:
-                self._note_dropped(backlog - maxsize + 1)
-            if type(ev) is DataChangeEvent:
-                mi = ev.data.monitored_item
-                tag = handles.get(mi.ClientHandle)
+        batches = sub.batches
+        ready = sub.ready
+        convert = self._reading
+        while True:
+            if not batches:
+                if sub.closed:
+                    break
+                ready.clear()
+                await ready.wait()
+                continue
+            entry = batches.popleft()
+            if isinstance(entry, ua.StatusCode):
+                raise self._lost_error(entry.name)
+            sub.pending -= len(entry)
+            for item in entry:
+                tag = handles.get(item.ClientHandle)
                 if tag is not None:
-                    yield self._reading(tag, mi.Value)
-            elif type(ev) is StatusChangeEvent:
-                code = ev.notification.Status
-                if code is not None and code.is_bad():
-                    raise self._lost_error(code.name)
+                    yield convert(tag, item.Value)
         if not self._closing:
             raise self._lost_error("subscription closed")
 
@@ -709,7 +808,6 @@ class OpcUaDriver(Driver):
             ts = ts.replace(tzinfo=UTC)
         raw = dv.Value.Value if dv.Value is not None else None
         value = raw if type(raw) in _PLAIN else plain(raw)
-        self._values_metric.inc()
         if (tag.scale is not None or tag.offset is not None) and value is not None:
             if type(value) not in (int, float):
                 # A text, boolean or array node behind a scaled tag: the config expects a number.
