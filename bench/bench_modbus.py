@@ -4,7 +4,7 @@
 
 A pymodbus TCP server (the project's SimServer) runs in a child process holding `--registers`
 holding registers. In alternating rounds the parent reads all of them
-  - bare:    one AsyncModbusTcpClient, sequential 125-register reads, registers kept as ints;
+  - bare:    one AsyncModbusTcpClient (the driver's settings), sequential 125-register reads, ints kept;
   - driver:  ModbusDriver.read_once() over tags covering every register, decoded into Readings,
              once with one uint16 tag per register and once with a mixed map (16/32/64-bit, floats).
 Each phase polls back to back for `--seconds`. Printed: registers/s, requests per poll (counted by
@@ -159,7 +159,10 @@ def cpu(p: psutil.Process) -> float:
 async def bare_phase(port: int, registers: int, seconds: float, count: Any, server: psutil.Process) -> Phase:
     from pymodbus.client import AsyncModbusTcpClient
 
-    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=5, retries=0, reconnect_delay=0)
+    # The driver's client settings (bench config timeout_s = 5.0, default retries = 1, no own reconnect).
+    client = AsyncModbusTcpClient(
+        "127.0.0.1", port=port, timeout=5.0, retries=1, reconnect_delay=0, reconnect_delay_max=0
+    )
     assert await client.connect()
     me = psutil.Process()
     polls = 0
@@ -193,7 +196,7 @@ async def driver_phase(
         return Phase(name, polls, time.perf_counter() - t0, count.value - r0, cpu(me) - c0, cpu(server) - s0)
 
 
-async def run(registers: int, seconds: float, rounds: int, frozen: bool, pipeline: bool) -> None:
+async def run(registers: int, seconds: float, rounds: int, frozen: bool) -> None:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     count = ctx.Value("q", 0, lock=False)
@@ -207,8 +210,6 @@ async def run(registers: int, seconds: float, rounds: int, frozen: bool, pipelin
         mixed = mixed_map(registers)
         maps = {"driver uint16": uint16_tags, "driver mixed": mixed}
         drivers = {name: make_driver(port, tags, folder) for name, tags in maps.items()}
-        for d in drivers.values():
-            d.pipeline = pipeline
         minimum = {name: minimum_requests(tags) for name, tags in maps.items()}
         gc.collect()
         if frozen:
@@ -234,7 +235,7 @@ async def run(registers: int, seconds: float, rounds: int, frozen: bool, pipelin
     print(f"\nModbus TCP, {registers} holding registers, {rounds} rounds x {seconds:g} s per phase, medians")
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, gc {'frozen' if frozen else 'default'},"
-        f" pipeline {'on' if pipeline else 'off'}"
+        f" load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     header = f"{'phase':<15}{'tags':>7}{'regs/s':>12}{'polls/s':>9}{'req/poll':>10}{'minimum':>9}"
     print(header + f"{'cpu ms/poll':>13}{'server cpu ms/poll':>20}{'vs bare':>9}")
@@ -259,10 +260,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gc", choices=["default", "frozen", "both"], default="both")
-    parser.add_argument("--no-pipeline", action="store_true", help="decode each block before the next request")
     args = parser.parse_args()
     for frozen in {"default": [False], "frozen": [True], "both": [False, True]}[args.gc]:
-        asyncio.run(run(args.registers, args.seconds, args.rounds, frozen, not args.no_pipeline))
+        asyncio.run(run(args.registers, args.seconds, args.rounds, frozen))
 
 
 if __name__ == "__main__":
