@@ -33,7 +33,7 @@ from agent.waits import wait_event
 
 log = structlog.get_logger("edge_agent.mqtt")
 
-WINDOW = 500  # messages handed to paho and not yet acknowledged
+WINDOW = 200  # messages handed to paho and not yet acknowledged
 FETCH = 1000  # messages read ahead from the store at a time
 DELETE_BATCH = 500
 DELETE_DELAY_S = 0.05
