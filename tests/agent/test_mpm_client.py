@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,22 +19,7 @@ from agent.mpm import MPMClient, MPMProcessData, MPMStatus, MPMTransientError, _
 from agent.simulate.mpm_emulator import MPMEmulator, emulator_for, simulate_mpm
 
 API_KEY = "k-0123456789-secret"
-FAST: dict[str, Any] = {"backoff_base_s": 0.01, "backoff_max_s": 0.05}
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[MPMEmulator]:
-    emu = MPMEmulator(api_key=API_KEY)
-    await emu.start()
-    yield emu
-    await emu.stop()
-
-
-@pytest.fixture
-async def client(emulator: MPMEmulator) -> AsyncIterator[MPMClient]:
-    assert emulator.base_url
-    async with MPMClient(emulator.base_url, api_key=API_KEY, **FAST) as c:
-        yield c
+CLIENT_OPTIONS: dict[str, Any] = {"backoff_base_s": 0.01, "backoff_max_s": 0.05}
 
 
 def free_port() -> int:
@@ -110,7 +94,7 @@ async def test_unknown_process_404_without_auto_create() -> None:
     emu = MPMEmulator(api_key=API_KEY, auto_create=False)
     base = await emu.start()
     try:
-        async with MPMClient(base, api_key=API_KEY, **FAST) as c:
+        async with MPMClient(base, api_key=API_KEY, **CLIENT_OPTIONS) as c:
             with pytest.raises(RejectedError) as err:
                 await c.update_process_status("GHOST", "running", None, "k1")
             assert err.value.status_code == 404
@@ -159,7 +143,7 @@ def test_process_data_round_trip() -> None:
 async def test_wrong_key_rejected_without_leaking(emulator: MPMEmulator) -> None:
     assert emulator.base_url
     secret = "wrong-key-that-must-not-leak"
-    async with MPMClient(emulator.base_url, api_key=secret, **FAST) as c:
+    async with MPMClient(emulator.base_url, api_key=secret, **CLIENT_OPTIONS) as c:
         assert await c.health_check() is False
         with pytest.raises(RejectedError) as err:
             await c.get_process_data("PROC-001")
@@ -171,12 +155,12 @@ async def test_bearer_mode() -> None:
     emu = MPMEmulator(bearer_tokens=["static-token-xyz"])
     base = await emu.start()
     try:
-        async with MPMClient(base, auth="bearer", bearer_token="static-token-xyz", **FAST) as c:
+        async with MPMClient(base, auth="bearer", bearer_token="static-token-xyz", **CLIENT_OPTIONS) as c:
             assert await c.health_check()
             assert (await c.list_processes()).total == 6
             await c.submit_quality_results("PROC-001", {"overall_score": 1.0}, "kb")
         assert all(call["auth"] == "bearer" for call in emu.calls)
-        async with MPMClient(base, auth="bearer", bearer_token="other", **FAST) as c:
+        async with MPMClient(base, auth="bearer", bearer_token="other", **CLIENT_OPTIONS) as c:
             with pytest.raises(RejectedError) as err:
                 await c.list_processes()
             assert err.value.status_code == 401
@@ -194,7 +178,7 @@ async def test_oauth2_token_refresh() -> None:
             token_url=emu.token_url,
             client_id="agent",
             client_secret="s3cret-value",
-            **FAST,
+            **CLIENT_OPTIONS,
         ) as c:
             assert await c.health_check()
             assert emu.tokens_issued == 1
@@ -215,7 +199,7 @@ async def test_oauth2_token_refresh() -> None:
             assert not [x for x in emu.calls if x["call"] != "oauth_token" and x["status"] not in (200, 201, 401)]
         async with MPMClient(
             emu.base_url or "", auth="oauth2", token_url=emu.token_url, client_id="agent", client_secret="bad-one",
-            **FAST,
+            **CLIENT_OPTIONS,
         ) as c:  # fmt: skip
             with pytest.raises(RejectedError) as err:
                 await c.list_processes()
@@ -233,7 +217,7 @@ async def test_retries_transient_then_success(emulator: MPMEmulator, client: MPM
 
 async def test_retries_exhausted_and_final_4xx(emulator: MPMEmulator) -> None:
     assert emulator.base_url
-    async with MPMClient(emulator.base_url, api_key=API_KEY, max_retries=2, **FAST) as c:
+    async with MPMClient(emulator.base_url, api_key=API_KEY, max_retries=2, **CLIENT_OPTIONS) as c:
         emulator.fail_next(10, 502)
         with pytest.raises(MPMTransientError) as err:
             await c.get_process_data("PROC-001")
@@ -250,7 +234,7 @@ async def test_retries_exhausted_and_final_4xx(emulator: MPMEmulator) -> None:
         with pytest.raises(RejectedError) as rej:
             await c.submit_quality_results("PROC-001", {"x": 1}, "k-409")
         assert rej.value.status_code == 409 and len(emulator.calls) == 1
-    async with MPMClient(emulator.base_url, api_key=API_KEY, retry_on_failure=False, **FAST) as c:
+    async with MPMClient(emulator.base_url, api_key=API_KEY, retry_on_failure=False, **CLIENT_OPTIONS) as c:
         emulator.calls.clear()
         emulator.fail_next(1, 503)
         with pytest.raises(TransientError):
@@ -270,13 +254,13 @@ async def test_retry_after_is_honoured(emulator: MPMEmulator, client: MPMClient)
 
 async def test_network_errors_and_timeouts_are_transient(emulator: MPMEmulator) -> None:
     port = free_port()
-    async with MPMClient(f"http://127.0.0.1:{port}/api/v1", api_key=API_KEY, max_retries=1, **FAST) as c:
+    async with MPMClient(f"http://127.0.0.1:{port}/api/v1", api_key=API_KEY, max_retries=1, **CLIENT_OPTIONS) as c:
         with pytest.raises(TransientError):
             await c.get_process_data("PROC-001")
         assert await c.health_check() is False
     assert emulator.base_url
     emulator.set_delay(2.0)
-    async with MPMClient(emulator.base_url, api_key=API_KEY, timeout=0.2, max_retries=0, **FAST) as c:
+    async with MPMClient(emulator.base_url, api_key=API_KEY, timeout=0.2, max_retries=0, **CLIENT_OPTIONS) as c:
         with pytest.raises(TransientError, match="timeout"):
             await c.get_process_data("PROC-001")
 
@@ -324,7 +308,7 @@ rate_limit_per_minute = 6000
     assert (host, bound, emu.api_key) == ("127.0.0.1", port, API_KEY)
     task = asyncio.create_task(simulate_mpm(cfg.mpm))
     try:
-        async with MPMClient.from_config(cfg.mpm, **FAST) as c:
+        async with MPMClient.from_config(cfg.mpm, **CLIENT_OPTIONS) as c:
             deadline = time.monotonic() + 30
             while not await c.health_check():
                 assert time.monotonic() < deadline and not task.done()
@@ -355,7 +339,7 @@ client_secret_file = "secret"
     assert cfg.mpm is not None
     task = asyncio.create_task(simulate_mpm(cfg.mpm))
     try:
-        async with MPMClient.from_config(cfg.mpm, **FAST) as c:
+        async with MPMClient.from_config(cfg.mpm, **CLIENT_OPTIONS) as c:
             deadline = time.monotonic() + 30
             while True:
                 try:

@@ -8,35 +8,18 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from agent.mpm import MPMClient
 from agent.outbox import Outbox, OutboxItem, encode_body
 from agent.simulate.mpm_emulator import MPMEmulator
 
 API_KEY = "outbox-test-key"
-CLIENT_FAST: dict[str, Any] = {"backoff_base_s": 0.005, "backoff_max_s": 0.02, "max_retries": 1}
+CLIENT_OPTIONS: dict[str, Any] = {"backoff_base_s": 0.005, "backoff_max_s": 0.02, "max_retries": 1}
 OUTBOX_FAST: dict[str, Any] = {"backoff_base_s": 0.01, "backoff_max_s": 0.1}
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[MPMEmulator]:
-    emu = MPMEmulator(api_key=API_KEY)
-    await emu.start()
-    yield emu
-    await emu.stop()
-
-
-@pytest.fixture
-async def client(emulator: MPMEmulator) -> AsyncIterator[MPMClient]:
-    assert emulator.base_url
-    async with MPMClient(emulator.base_url, api_key=API_KEY, **CLIENT_FAST) as c:
-        yield c
 
 
 class Outcomes:
@@ -288,7 +271,7 @@ async def test_oauth2_token_expiring_mid_run(tmp_path: Path) -> None:
         emu.set_delay(0.02)
         async with MPMClient(
             emu.base_url or "", auth="oauth2", token_url=emu.token_url, client_id="edge", client_secret="cs",
-            **CLIENT_FAST,
+            **CLIENT_OPTIONS,
         ) as c:  # fmt: skip
             outcomes = Outcomes()
             async with Outbox(tmp_path / "outbox.sqlite", c, on_outcome=outcomes, **OUTBOX_FAST) as box:

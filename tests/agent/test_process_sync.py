@@ -15,24 +15,9 @@ from agent.process_sync import ProcessSync
 from agent.simulate.mpm_emulator import MPMEmulator
 
 API_KEY = "sync-test-key"
-FAST_CLIENT: dict[str, Any] = {"backoff_base_s": 0.005, "backoff_max_s": 0.02, "max_retries": 1}
+CLIENT_OPTIONS: dict[str, Any] = {"backoff_base_s": 0.005, "backoff_max_s": 0.02, "max_retries": 1}
 FAST_OUTBOX: dict[str, Any] = {"backoff_base_s": 0.01, "backoff_max_s": 0.1}
 EID = "printer-1"
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[MPMEmulator]:
-    emu = MPMEmulator(api_key=API_KEY)
-    await emu.start()
-    yield emu
-    await emu.stop()
-
-
-@pytest.fixture
-async def client(emulator: MPMEmulator) -> AsyncIterator[MPMClient]:
-    assert emulator.base_url
-    async with MPMClient(emulator.base_url, api_key=API_KEY, **FAST_CLIENT) as c:
-        yield c
 
 
 @pytest.fixture

@@ -29,6 +29,9 @@ from drivers.opcua import OpcUaDriver, plain, quality_of
 GUARD_S = 30.0
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -699,114 +702,14 @@ async def test_secure_server_refusals_are_clear(
 
 # ---- the built-in simulator with the shipped equipment ----------------------------------------------
 
-SHIPPED_EQUIPMENT = """
-[[equipment]]
-id = "hybrid-1"
-name = "Hybrid mill (simulated OPC UA)"
-type = "cnc_mill"
-driver = "opcua"
-[equipment.connection]
-endpoint = "opc.tcp://127.0.0.1:4840"
-publishing_interval_ms = 100
-[equipment.status]
-tag = "state"
-map = { "0" = "idle", "1" = "running", "2" = "paused", "3" = "error", "4" = "idle" }
-progress_tag = "progress"
-operation_tag = "program"
-process_id_tag = "job"
-[equipment.parameters]
-laser_power = "set_laser_power"
-scan_speed = "set_scan_speed"
-[[equipment.tags]]
-name = "state"
-node = "ns=2;s=Machine.State"
-[[equipment.tags]]
-name = "progress"
-node = "ns=2;s=Machine.Progress"
-[[equipment.tags]]
-name = "program"
-node = "ns=2;s=Machine.Program"
-[[equipment.tags]]
-name = "job"
-node = "ns=2;s=Machine.JobId"
-[[equipment.tags]]
-name = "spindle_temp"
-node = "nsu=urn:edge-agent:sim:spindle;s=Spindle.Temp"
-unit = "degC"
-deadband = 0.5
-[[equipment.tags]]
-name = "spindle_speed"
-node = "ns=2;s=Machine.SpindleSpeed"
-unit = "rpm"
-deadband = 10
-[[equipment.tags]]
-name = "speed_setpoint"
-node = "ns=2;s=Machine.SpeedSetpoint"
-unit = "rpm"
-[[equipment.tags]]
-name = "laser_power"
-node = "ns=2;s=Machine.LaserPower"
-unit = "W"
-[[equipment.tags]]
-name = "scan_speed"
-node = "ns=2;s=Machine.ScanSpeed"
-unit = "mm/s"
-[[equipment.tags]]
-name = "part_count"
-node = "ns=2;s=Machine.PartCount"
-[[equipment.alerts]]
-tag = "spindle_temp"
-above = 80.0
-clear_below = 75.0
-severity = "critical"
-message = "Spindle overheating"
-[[equipment.commands]]
-name = "set_speed"
-kind = "write"
-tag = "speed_setpoint"
-min = 0
-max = 24000
-role = "operator"
-[[equipment.commands]]
-name = "set_laser_power"
-kind = "write"
-tag = "laser_power"
-min = 0
-max = 1000
-role = "operator"
-[[equipment.commands]]
-name = "set_scan_speed"
-kind = "write"
-tag = "scan_speed"
-min = 10
-max = 3000
-role = "operator"
-[[equipment.commands]]
-name = "reset"
-kind = "reset"
-object = "ns=2;s=Machine"
-method = "ns=2;s=Machine.Reset"
-role = "operator"
-[[equipment.commands]]
-name = "load_program"
-kind = "method"
-object = "ns=2;s=Machine"
-method = "ns=2;s=Machine.LoadProgram"
-role = "operator"
-[[equipment.commands]]
-name = "load_process"
-kind = "load_process"
-role = "operator"
-"""
-
 
 async def test_simulator_serves_the_shipped_equipment(tmp_path: Path) -> None:
     from agent.simulate.opcua_sim import simulate
 
     port = free_port()
-    text = f'[agent]\nid = "cell-1"\nsite = "plant-a"\nstate_dir = "{tmp_path / "state"}"\n'
-    text += SHIPPED_EQUIPMENT.replace("127.0.0.1:4840", f"127.0.0.1:{port}")
-    eq = parse_config(text, tmp_path / "agent.toml").equipment[0]
+    # The OPC UA equipment of the shipped agent.toml itself, on a free port.
+    text = (REPO / "agent.toml").read_text().replace("opc.tcp://127.0.0.1:4840", f"opc.tcp://127.0.0.1:{port}")
+    eq = next(e for e in parse_config(text, tmp_path / "agent.toml").equipment if e.driver == "opcua")
     sim = asyncio.create_task(simulate(eq, tmp_path / "state"))
     out: list[Event] = []
     runner = asyncio.create_task(supervise(eq, DriverContext(tmp_path / "state"), out))
