@@ -103,7 +103,18 @@ class QualityResult:
     committed: asyncio.Future[bool] | None = None
 
 
-Event = Reading | ConnectionState | StatusFact | QualityResult
+@dataclass(slots=True)
+class Unchanged:
+    """A poll read every tag again at `ts`: those not given a new Reading in it still hold their last value.
+
+    Polled drivers report by exception: a block of registers that reads the same bytes as last time
+    yields no readings, only this, so the monitor still knows the values (and the status) are fresh.
+    """
+
+    ts: datetime
+
+
+Event = Reading | ConnectionState | StatusFact | QualityResult | Unchanged
 
 
 @dataclass(slots=True)

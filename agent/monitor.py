@@ -29,6 +29,7 @@ from agent.model import (
     QualityResult,
     Reading,
     StatusFact,
+    Unchanged,
     iso,
     json_safe,
     utcnow,
@@ -38,6 +39,8 @@ from agent.waits import wait_event
 log = structlog.get_logger("edge_agent.monitor")
 
 MAX_VALUES_PER_MESSAGE = 1000
+#: How early (in intervals) a telemetry flush may go, for a source's jitter; see Monitor._schedule_flush.
+FLUSH_SLACK = 0.2
 
 
 class Sink(Protocol):
@@ -148,6 +151,7 @@ class EquipmentState:
     deadband: dict[str, float] = field(default_factory=dict)
     # tag -> its unit as JSON text, only for tags that have one (names are plain identifiers)
     units: dict[str, str] = field(default_factory=dict)
+    status_tag: str | None = None  # the tag the status is read from, if any
 
 
 class Monitor:
@@ -165,6 +169,10 @@ class Monitor:
         self._last_iso = ""
         self._sec_key: tuple[int, int, int, int, int, int] | None = None
         self._sec_prefix = ""
+        # Telemetry goes out when it arrives, paced (see `_schedule_flush`).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._flushed_at = -math.inf
         self.apply_config(cfg)
 
     # -- configuration
@@ -208,6 +216,7 @@ class Monitor:
             for role, tag in eq.status.tag_refs().items():
                 roles.setdefault(tag, []).append(role)
         st.roles = {k: tuple(v) for k, v in roles.items()}
+        st.status_tag = eq.status.tag if eq.status is not None else None
         st.alerts = {}
         keys = set()
         for a in eq.alerts:
@@ -229,6 +238,8 @@ class Monitor:
             self.on_connection(eid, ev)
         elif isinstance(ev, StatusFact):
             self.on_fact(eid, ev)
+        elif isinstance(ev, Unchanged):
+            self.on_unchanged(eid, ev)
         elif isinstance(ev, Reading):
             self.on_reading(eid, ev)
 
@@ -252,12 +263,26 @@ class Monitor:
                 f'{{"tag":{_tag_json(tag)},"value":{encode_value(r.value)},"unit":{st.units.get(tag, "null")},'
                 f'"ts":"{self._last_iso}","quality":"{r.quality}"}}'
             )
+            if self._flush_handle is None and self._loop is not None:
+                self._schedule_flush(self._loop)
         if tag in st.roles:
             if "tag" in st.roles[tag]:
                 st.status_value_at = now
             self._update_status(st)
         if tag in st.alerts and r.quality != "bad":
             self._check_alerts(st, tag, r)
+
+    def on_unchanged(self, eid: str, ev: Unchanged) -> None:
+        """A poll confirmed every value not newly given: they, and the status read from them, are fresh."""
+        st = self.equipment.get(eid)
+        if st is None:
+            return
+        now = time.monotonic()
+        st.last_value_at = now
+        if st.status_tag is not None and st.status_tag in st.values:
+            st.status_value_at = now
+            if st.status.status == "unknown":
+                self._update_status(st)  # it may have gone stale before this poll
 
     def _iso(self, ts: datetime) -> str:
         """`iso(ts)`, formatting the date and time once per second: sources give each value its own stamp."""
@@ -454,6 +479,35 @@ class Monitor:
 
     # -- periodic work
 
+    def _schedule_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Schedule the flush of telemetry that has just started to wait (the first value since a flush).
+
+        A flush is a callback, so it runs once the driver has handed over all it had (a whole
+        notification or poll), not in the middle. Flushing on arrival rather than on a fixed clock
+        keeps the batching window from adding up to a whole interval of lag to every value:
+        - a source that delivers about once per telemetry_interval_s or slower is published as soon as
+          it delivers (flushes are at least (1 - FLUSH_SLACK) intervals apart);
+        - a source that delivers many times per interval is batched into one flush per interval.
+        A source beating at the interval itself sometimes delivers a little late; had it to wait a full
+        interval after that, every later delivery would wait as long. With the slack its deliveries
+        pull the flushes back into step within a few intervals.
+        """
+        interval = self.cfg.mqtt.telemetry_interval_s
+        now = loop.time()
+        elapsed = now - self._flushed_at
+        if elapsed >= (1.0 - FLUSH_SLACK) * interval:
+            self._flush_handle = loop.call_soon(self._flush_due)
+        elif elapsed >= interval / 2:
+            self._flush_handle = loop.call_at(self._flushed_at + (1.0 - FLUSH_SLACK) * interval, self._flush_due)
+        else:
+            self._flush_handle = loop.call_at(self._flushed_at + interval, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._flush_handle = None
+        if self._loop is not None:
+            self._flushed_at = self._loop.time()
+        self.flush()
+
     def flush(self) -> int:
         """Write pending telemetry as batched messages; return the number of values written."""
         batch: list[tuple[str, str, str, int, bool]] = []
@@ -484,21 +538,23 @@ class Monitor:
                 self._publish_status(st)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Flush telemetry every `telemetry_interval_s` and tick, until `stop` is set; then flush once more."""
-        interval = self.cfg.mqtt.telemetry_interval_s
-        next_flush = time.monotonic() + interval
-        next_tick = time.monotonic()
-        while not stop.is_set():
-            now = time.monotonic()
-            if now >= next_flush:
-                self.flush()
-                next_flush = now + self.cfg.mqtt.telemetry_interval_s
-            if now >= next_tick:
+        """Flush telemetry as it arrives (paced by `telemetry_interval_s`) and tick, until `stop` is set.
+
+        Then flush once more.
+        """
+        self._loop = asyncio.get_running_loop()
+        if any(st.pending for st in self.equipment.values()):
+            self._schedule_flush(self._loop)
+        try:
+            while not stop.is_set():
                 self.tick()
-                next_tick = now + 0.25
-            wait = max(0.0, min(next_flush, next_tick) - time.monotonic())
-            await wait_event(stop, wait)
-        self.flush()
+                await wait_event(stop, 0.25)
+        finally:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+                self._flush_handle = None
+            self._loop = None
+            self.flush()
 
     # -- read access (HTTP API, Python API)
 

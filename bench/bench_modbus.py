@@ -6,7 +6,10 @@ A pymodbus TCP server (the project's SimServer) runs in a child process holding 
 holding registers. In alternating rounds the parent reads all of them
   - bare:    one AsyncModbusTcpClient (the driver's settings), sequential 125-register reads, ints kept;
   - driver:  ModbusDriver.read_once() over tags covering every register, decoded into Readings,
-             once with one uint16 tag per register and once with a mixed map (16/32/64-bit, floats).
+             once with one uint16 tag per register and once with a mixed map (16/32/64-bit, floats);
+             the server's registers hold still, so after the first poll the driver reports nothing new
+             (readings by exception); `uint16 changing` forgets the last data before each poll, as if
+             every register had changed: every block decoded, a Reading per tag.
 Each phase polls back to back for `--seconds`. Printed: registers/s, requests per poll (counted by
 the server) against the minimum under the gap rule, CPU seconds per poll of client and server, RSS,
 and the driver-to-bare ratios (medians over the rounds). `--gc frozen` runs after `gc.freeze()` (a daemon that froze its
@@ -35,6 +38,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config import parse_config
+from agent.model import Unchanged
 from agent.simulate.modbus_sim import SimServer
 from drivers.base import DriverContext
 from drivers.modbus import MAX_REGISTERS, ModbusDriver
@@ -182,7 +186,7 @@ async def bare_phase(port: int, registers: int, seconds: float, count: Any, serv
 
 
 async def driver_phase(
-    name: str, driver: ModbusDriver, seconds: float, count: Any, server: psutil.Process, ntags: int
+    name: str, driver: ModbusDriver, seconds: float, count: Any, server: psutil.Process, ntags: int, changing: bool
 ) -> Phase:
     me = psutil.Process()
     async with driver:
@@ -190,8 +194,12 @@ async def driver_phase(
         polls = 0
         c0, s0, r0, t0 = cpu(me), cpu(server), count.value, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
+            if changing:
+                # As if every register had changed since the last poll: every block decoded, a reading per tag.
+                for block in driver.blocks:
+                    block.last = None
             out = await driver.read_once()
-            assert len(out) == ntags
+            assert isinstance(out[-1], Unchanged) and len(out) == (ntags + 1 if changing else 1)
             polls += 1
         return Phase(name, polls, time.perf_counter() - t0, count.value - r0, cpu(me) - c0, cpu(server) - s0)
 
@@ -208,7 +216,7 @@ async def run(registers: int, seconds: float, rounds: int, frozen: bool) -> None
         folder = Path(tempfile.mkdtemp(prefix="bench-modbus-"))
         uint16_tags = [{"name": f"r{a}", "address": a} for a in range(registers)]
         mixed = mixed_map(registers)
-        maps = {"driver uint16": uint16_tags, "driver mixed": mixed}
+        maps = {"driver uint16": uint16_tags, "driver mixed": mixed, "uint16 changing": uint16_tags}
         drivers = {name: make_driver(port, tags, folder) for name, tags in maps.items()}
         minimum = {name: minimum_requests(tags) for name, tags in maps.items()}
         gc.collect()
@@ -218,7 +226,9 @@ async def run(registers: int, seconds: float, rounds: int, frozen: bool) -> None
         for _ in range(rounds):
             results["bare"].append(await bare_phase(port, registers, seconds, count, server))
             for name, d in drivers.items():
-                results[name].append(await driver_phase(name, d, seconds, count, server, len(maps[name])))
+                changing = name.endswith("changing")
+                phase = await driver_phase(name, d, seconds, count, server, len(maps[name]), changing)
+                results[name].append(phase)
         rss_client = psutil.Process().memory_info().rss / 2**20
         rss_server = server.memory_info().rss / 2**20
     finally:

@@ -27,7 +27,7 @@ from pymodbus.pdu.register_message import ReadHoldingRegistersResponse, ReadInpu
 from agent import metrics
 from agent.config import CommandBase, EquipmentConfig, Model, TagBase
 from agent.errors import CommandError
-from agent.model import CommandResult, ConnectionState, Event, Reading, utcnow
+from agent.model import CommandResult, ConnectionState, Event, Reading, Unchanged, utcnow
 from drivers.base import DriverContext, PollingDriver, validate_write
 from drivers.registry import register_driver
 
@@ -373,6 +373,7 @@ class Block:
     count: int
     codecs: list[_Codec] = field(default_factory=list)
     ok: bool = True  # the last read of this block succeeded
+    last: bytes | list[bool] | None = None  # the data of its last good read, decoded and given as readings
     _groups: list[_Group] | None = None
     _singles: list[_Codec] = field(default_factory=list)
 
@@ -760,10 +761,11 @@ class ModbusDriver(PollingDriver):
     async def read_once(self) -> list[Event]:
         """One poll of every block; a refused address costs only the tags at fault.
 
-        Requests go out one at a time (each one consistent read); the blocks are decoded after the
-        last answer, in one pass with the cyclic collector paused: a poll makes one Reading per tag,
-        and collecting every few hundred of them (each collection promoting them all) cost more CPU
-        than building them.
+        Requests go out one at a time (each one consistent read). Report by exception: a block whose
+        data is the same as at its last good read gives no readings; the poll ends with `Unchanged`,
+        which tells the monitor those values are still current. The changed blocks are decoded after
+        the last answer, in one pass with the cyclic collector paused: collecting every few hundred
+        new readings (each collection promoting them all) cost more CPU than building them.
         """
         started = time.monotonic()
         ts = utcnow()
@@ -781,6 +783,7 @@ class ModbusDriver(PollingDriver):
         finally:
             if paused:
                 gc.enable()
+        out.append(Unchanged(ts))
         self._m_values.inc(good)
         self._m_latency.observe(time.monotonic() - started)
         if self.skipped_ticks != self._skipped_seen:
@@ -818,6 +821,7 @@ class ModbusDriver(PollingDriver):
                 )
                 return good
             block.ok = False
+            block.last = None
             refined.append(block)
             metrics.DRIVER_ERRORS.labels(equipment_id=self.equipment.id, kind="exception_response").inc()
             why = str(err) if err.code else "short response"
@@ -836,7 +840,10 @@ class ModbusDriver(PollingDriver):
             for codec in block.codecs:
                 if self._bad.pop(codec.name, None) is not None:
                     self.log.info("tag_readable", tag=codec.name)
-        out.append((block, result))
+        data = result if isinstance(result, list) else result[0]
+        if data != block.last:
+            block.last = data
+            out.append((block, result))
         return len(block.codecs)
 
     # -- commands

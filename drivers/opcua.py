@@ -42,6 +42,8 @@ from agent.config import CommandBase, EquipmentConfig, SecretHolder, TagBase
 from agent.errors import CommandError
 from agent.model import CommandResult, Event, Reading, utcnow
 from drivers.base import Driver, DriverContext, validate_write
+from drivers.opcua_publish import DataChanges, Item, items_of
+from drivers.opcua_publish import install as install_publish_decoder
 from drivers.registry import register_driver
 
 NODE_RE = re.compile(r"^(?:nsu=(?P<uri>[^;]+);|ns=(?P<ns>\d+);)?(?P<kind>[isgb])=(?P<ident>.+)$", re.DOTALL)
@@ -322,7 +324,7 @@ class _BatchSubscription(Subscription):
         # asyncua's own per-event queue stays empty: publish_callback below replaces its delivery.
         super().__init__(session, params, None, queue_maxsize=1)
         # Item lists of data changes, and a bad status code where the server or the client ended it.
-        self.batches: deque[list[ua.MonitoredItemNotification] | ua.StatusCode] = deque()
+        self.batches: deque[list[Item] | ua.StatusCode] = deque()
         self.pending = 0  # values in `batches`
         self.maxsize = maxsize
         self.closed = False
@@ -340,14 +342,18 @@ class _BatchSubscription(Subscription):
             return  # a keep-alive
         values = 0
         for notif in data:
-            if type(notif) is ua.DataChangeNotification:
-                items = notif.MonitoredItems
-                if items:
-                    self.batches.append(items)
-                    values += len(items)
-            elif isinstance(notif, ua.StatusChangeNotification):
-                if notif.Status is not None and notif.Status.is_bad():
-                    self.batches.append(notif.Status)
+            if type(notif) is DataChanges:
+                items = notif.items
+            elif isinstance(notif, ua.DataChangeNotification):  # decoded by asyncua (not via the session)
+                items = items_of(notif)
+            else:
+                items = []
+                if isinstance(notif, ua.StatusChangeNotification):
+                    if notif.Status is not None and notif.Status.is_bad():
+                        self.batches.append(notif.Status)
+            if items:
+                self.batches.append(items)
+                values += len(items)
         if values:
             self.pending += values
             if self.pending > self.maxsize:
@@ -709,7 +715,9 @@ class OpcUaDriver(Driver):
             PublishingEnabled=True,
             Priority=0,
         )
-        sub = _BatchSubscription(client.uaclient.session, params, self.queue_maxsize, self._note_dropped)
+        session = client.uaclient.session
+        install_publish_decoder(session)
+        sub = _BatchSubscription(session, params, self.queue_maxsize, self._note_dropped)
         # Set before init: a failing connect tears it down like any other.
         self.subscription = sub
         results = await sub.init()
@@ -782,9 +790,9 @@ class OpcUaDriver(Driver):
                 raise self._lost_error(entry.name)
             sub.pending -= len(entry)
             for item in entry:
-                tag = handles.get(item.ClientHandle)
+                tag = handles.get(item[0])
                 if tag is not None:
-                    yield convert(tag, item.Value)
+                    yield convert(tag, item)
         if not self._closing:
             raise self._lost_error("subscription closed")
 
@@ -799,14 +807,12 @@ class OpcUaDriver(Driver):
         self.dropped += n
         self._dropped_metric.inc(n)
 
-    def _reading(self, tag: OpcUaTag, dv: ua.DataValue | None) -> Reading:
-        if dv is None:
-            return Reading(tag.name, None, utcnow(), "bad")
-        quality = quality_of(dv.StatusCode)
-        ts = dv.SourceTimestamp or dv.ServerTimestamp or utcnow()
+    def _reading(self, tag: OpcUaTag, item: Item) -> Reading:
+        _, raw, status, source_ts, server_ts = item
+        quality = "good" if status < 0x40000000 else quality_of(ua.StatusCode(ua.UInt32(status)))
+        ts = source_ts or server_ts or utcnow()
         if ts.tzinfo is None:
             ts = ts.replace(tzinfo=UTC)
-        raw = dv.Value.Value if dv.Value is not None else None
         value = raw if type(raw) in _PLAIN else plain(raw)
         if (tag.scale is not None or tag.offset is not None) and value is not None:
             if type(value) not in (int, float):

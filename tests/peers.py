@@ -421,6 +421,21 @@ class OpcUaPeer(LoopThread):
         self.stop_loop()
 
 
+class ModbusPeer(LoopThread):
+    """A Modbus TCP device (the simulator's SimServer) served from its own thread, for tests of the daemon."""
+
+    def __init__(self, ranges: dict[str, Any]) -> None:
+        from agent.simulate.modbus_sim import SimServer
+
+        super().__init__("modbus-server")
+        self.sim = SimServer(ranges)
+        self.port: int = self.run(self.sim.start_tcp())
+
+    def close(self) -> None:
+        self.run(self.sim.stop())
+        self.stop_loop()
+
+
 class SocatPair:
     """A `socat` pty pair: one program opens `a`, the other `b`."""
 

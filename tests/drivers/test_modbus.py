@@ -18,7 +18,7 @@ import pytest
 
 from agent.config import EquipmentConfig, parse_config
 from agent.errors import CommandError, ConfigError
-from agent.model import ConnectionState, Reading
+from agent.model import ConnectionState, Reading, Unchanged
 from agent.simulate.modbus_sim import PlcSimulator, SimServer
 from drivers.base import DriverContext
 from drivers.modbus import (
@@ -98,7 +98,11 @@ def tcp(port: int, **extra: Any) -> dict[str, Any]:
 
 
 async def polls(driver: ModbusDriver, count: int = 1) -> list[dict[str, Reading]]:
-    """Iterate `driver.events()` until `count` complete polls (every tag seen) have arrived."""
+    """Iterate `driver.events()` until `count` complete polls have arrived: every tag's current reading.
+
+    Readings come by exception: a poll gives the changed blocks' readings, then `Unchanged`; a tag
+    not read anew keeps its previous reading.
+    """
     names = {t.name for t in driver.tags}
     out: list[dict[str, Reading]] = []
     current: dict[str, Reading] = {}
@@ -111,16 +115,27 @@ async def polls(driver: ModbusDriver, count: int = 1) -> list[dict[str, Reading]
                     assert ev == ConnectionState(connected=True)
                     first = False
                     continue
+                if isinstance(ev, Unchanged):
+                    if len(current) == len(names):
+                        out.append(dict(current))
+                        if len(out) >= count:
+                            break
+                    continue
                 assert isinstance(ev, Reading)
                 current[ev.tag] = ev
-                if len(current) == len(names):
-                    out.append(current)
-                    current = {}
-                    if len(out) >= count:
-                        break
     finally:
         await events.aclose()  # type: ignore[attr-defined]
     return out
+
+
+async def read_into(driver: ModbusDriver, current: dict[str, Reading]) -> dict[str, Reading]:
+    """One `read_once()`, its readings merged into `current` (the values as the monitor holds them)."""
+    events = await driver.read_once()
+    assert isinstance(events[-1], Unchanged)
+    for ev in events[:-1]:
+        assert isinstance(ev, Reading)
+        current[ev.tag] = ev
+    return current
 
 
 async def one_poll(eq: EquipmentConfig, tmp_path: Path) -> dict[str, Reading]:
@@ -356,12 +371,13 @@ async def test_coalescing_sends_the_minimum_number_of_requests(tmp_path: Path) -
         async with ModbusDriver(eq, DriverContext(tmp_path)) as d:
             assert isinstance(d, ModbusDriver)
             counts = []
+            current: dict[str, Reading] = {}
             for _ in range(3):
                 before = sim.requests
-                readings = await d.read_once()
+                await read_into(d, current)
                 counts.append(sim.requests - before)
-            assert all(isinstance(r, Reading) and r.quality == "good" for r in readings)
-            got = {r.tag: r.value for r in readings if isinstance(r, Reading)}
+            assert all(r.quality == "good" for r in current.values())
+            got = {tag: r.value for tag, r in current.items()}
             for t in tags:
                 assert got[t["name"]] == t["address"] % 1000, t
         assert counts == [want] * 3, (counts, want)
@@ -389,6 +405,40 @@ def test_coalesce_limits_and_gap_rule() -> None:
     assert all(b.count <= 2000 for b in blocks) and len(blocks) == 3
 
 
+async def test_readings_by_exception_block_by_block(tmp_path: Path) -> None:
+    # Two blocks of holding registers (0..9 and 100..109) and one of coils.
+    sim = SimServer({"holding": [(0, 200)], "coil": [(0, 16)]})
+    await sim.start_tcp()
+    try:
+        for a in list(range(10)) + list(range(100, 110)):
+            sim.set_registers("holding", a, [a + 1])
+        tags = [{"name": f"r{a}", "address": a} for a in list(range(10)) + list(range(100, 110))]
+        tags += [{"name": f"c{a}", "table": "coil", "address": a} for a in range(4)]
+        eq = make_equipment(tmp_path, tcp(sim.port), tags)
+        async with ModbusDriver(eq, DriverContext(tmp_path)) as d:
+            assert isinstance(d, ModbusDriver)
+            first = await d.read_once()
+            assert len(first) == len(tags) + 1 and isinstance(first[-1], Unchanged)
+            # Nothing changed: the same requests go out, no readings come back, only the confirmation.
+            before = sim.requests
+            assert [type(e) for e in await d.read_once()] == [Unchanged]
+            assert sim.requests - before == 3
+            # One register changes: its block's readings, the others stay quiet.
+            sim.set_registers("holding", 104, [999])
+            changed = {e.tag: e.value for e in await d.read_once() if isinstance(e, Reading)}
+            assert changed == {f"r{a}": (999 if a == 104 else a + 1) for a in range(100, 110)}
+            sim.set_bits("coil", 2, [True])
+            assert {e.tag for e in await d.read_once() if isinstance(e, Reading)} == {f"c{a}" for a in range(4)}
+            assert [type(e) for e in await d.read_once()] == [Unchanged]
+        # A new connection starts from nothing: every tag again.
+        async with ModbusDriver(eq, DriverContext(tmp_path)) as d:
+            assert isinstance(d, ModbusDriver)
+            again = {e.tag: e.value for e in await d.read_once() if isinstance(e, Reading)}
+            assert len(again) == len(tags) and again["r104"] == 999 and again["c2"] is True
+    finally:
+        await sim.stop()
+
+
 # ---- refused addresses --------------------------------------------------------------------------
 
 
@@ -405,7 +455,7 @@ async def test_an_illegal_address_costs_only_its_own_tag(tmp_path: Path) -> None
             assert isinstance(d, ModbusDriver)
             first = (await polls(d))[0]
             before = sim.requests
-            second = {r.tag: r for r in await d.read_once() if isinstance(r, Reading)}
+            second = await read_into(d, dict(first))
             steady = sim.requests - before
         for got in (first, second):
             assert got["r10"].quality == "bad" and got["r10"].value is None
@@ -741,6 +791,7 @@ async def test_plc_simulator_serves_the_shipped_map(tmp_path: Path) -> None:
         eq = make_equipment(tmp_path, tcp(plc.port), tags, cmds)
         seen: dict[int, dict[str, Any]] = {}
         hottest = 0.0
+        current: dict[str, Reading] = {}
         async with ModbusDriver(eq, DriverContext(tmp_path)) as d:
             assert isinstance(d, ModbusDriver)
             cmd = eq.command("set_speed")
@@ -748,7 +799,7 @@ async def test_plc_simulator_serves_the_shipped_map(tmp_path: Path) -> None:
             for t in range(0, 190):  # three full cycles, one second per step
                 now[0] = 1000.0 + t
                 plc.tick()
-                values = {r.tag: r.value for r in await d.read_once() if isinstance(r, Reading)}
+                values = {tag: r.value for tag, r in (await read_into(d, current)).items()}
                 seen.setdefault(values["state"], values)
                 hottest = max(hottest, values["spindle_temp"])
                 if values["state"] == 1:
