@@ -39,8 +39,12 @@ from agent.waits import wait_event
 log = structlog.get_logger("edge_agent.monitor")
 
 MAX_VALUES_PER_MESSAGE = 1000
-#: How early (in intervals) a telemetry flush may go, for a source's jitter; see Monitor._schedule_flush.
-FLUSH_SLACK = 0.2
+# Telemetry pacing (see Monitor._schedule_flush): how much faster than one per interval the flushes of a
+# source delivering about once per interval may go, how many may go back to back, and how long a pause
+# between two readings makes them two deliveries.
+FLUSH_SLACK = 0.25
+FLUSH_BURST = 2.0
+DELIVERY_GAP_S = 0.002
 
 
 class Sink(Protocol):
@@ -173,6 +177,12 @@ class Monitor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._flushed_at = -math.inf
+        self._batch_at = 0.0  # when the values now waiting started to arrive
+        self._batch_spread = False  # they came in more than one delivery
+        self._last_spread = False  # so did the last flush's
+        self._tokens = FLUSH_BURST
+        self._tokens_at = 0.0
+        self._time = time.monotonic  # the loop's clock (a test may give the monitor its own)
         self.apply_config(cfg)
 
     # -- configuration
@@ -250,7 +260,7 @@ class Monitor:
             return
         tag = r.tag
         st.values[tag] = r
-        now = time.monotonic()
+        now = self._time()
         st.last_value_at = now
         last = st.reported.get(tag)
         if last is None or last[1] != r.quality or _changed(r.value, last[0], st.deadband.get(tag, 0.0)):
@@ -263,8 +273,12 @@ class Monitor:
                 f'{{"tag":{_tag_json(tag)},"value":{encode_value(r.value)},"unit":{st.units.get(tag, "null")},'
                 f'"ts":"{self._last_iso}","quality":"{r.quality}"}}'
             )
-            if self._flush_handle is None and self._loop is not None:
-                self._schedule_flush(self._loop)
+            if self._flush_handle is None:
+                if self._loop is not None:
+                    self._batch_at = now
+                    self._schedule_flush(self._loop)
+            elif now - self._batch_at > DELIVERY_GAP_S:
+                self._batch_spread = True
         if tag in st.roles:
             if "tag" in st.roles[tag]:
                 st.status_value_at = now
@@ -483,29 +497,46 @@ class Monitor:
         """Schedule the flush of telemetry that has just started to wait (the first value since a flush).
 
         A flush is a callback, so it runs once the driver has handed over all it had (a whole
-        notification or poll), not in the middle. Flushing on arrival rather than on a fixed clock
-        keeps the batching window from adding up to a whole interval of lag to every value:
-        - a source that delivers about once per telemetry_interval_s or slower is published as soon as
-          it delivers (flushes are at least (1 - FLUSH_SLACK) intervals apart);
-        - a source that delivers many times per interval is batched into one flush per interval.
-        A source beating at the interval itself sometimes delivers a little late; had it to wait a full
-        interval after that, every later delivery would wait as long. With the slack its deliveries
-        pull the flushes back into step within a few intervals.
+        notification or poll), not in the middle. When it runs depends on how the sources deliver:
+        - values that arrived in several deliveries before the last flush (a source delivering more
+          often than telemetry_interval_s): one interval after the last flush, so such sources are
+          batched into one message per interval;
+        - otherwise (a source delivering about once per interval, or slower): at once, as long as a
+          token bucket allows it. It refills at (1 + FLUSH_SLACK) tokens per interval and holds
+          FLUSH_BURST, so a delivery that comes early after a late one is not held back; a bucket
+          refilled at exactly one token per interval would, for a source beating at the interval,
+          hold every delivery back by whatever delay it once had, for good.
         """
         interval = self.cfg.mqtt.telemetry_interval_s
-        now = loop.time()
-        elapsed = now - self._flushed_at
-        if elapsed >= (1.0 - FLUSH_SLACK) * interval:
+        if interval <= 0:
             self._flush_handle = loop.call_soon(self._flush_due)
-        elif elapsed >= interval / 2:
-            self._flush_handle = loop.call_at(self._flushed_at + (1.0 - FLUSH_SLACK) * interval, self._flush_due)
+            return
+        now = loop.time()
+        if self._last_spread:
+            self._flush_handle = loop.call_at(max(now, self._flushed_at + interval), self._flush_due)
+            return
+        self._refill(now, interval)
+        if self._tokens >= 1.0:
+            self._flush_handle = loop.call_soon(self._flush_due)
         else:
-            self._flush_handle = loop.call_at(self._flushed_at + interval, self._flush_due)
+            wait = (1.0 - self._tokens) * interval / (1.0 + FLUSH_SLACK)
+            self._flush_handle = loop.call_at(now + wait, self._flush_due)
+
+    def _refill(self, now: float, interval: float) -> None:
+        gained = (now - self._tokens_at) * (1.0 + FLUSH_SLACK) / interval
+        self._tokens = min(FLUSH_BURST, self._tokens + gained)
+        self._tokens_at = now
 
     def _flush_due(self) -> None:
         self._flush_handle = None
+        self._last_spread, self._batch_spread = self._batch_spread, False
         if self._loop is not None:
-            self._flushed_at = self._loop.time()
+            now = self._loop.time()
+            self._flushed_at = now
+            interval = self.cfg.mqtt.telemetry_interval_s
+            if interval > 0:
+                self._refill(now, interval)
+                self._tokens = max(0.0, self._tokens - 1.0)
         self.flush()
 
     def flush(self) -> int:

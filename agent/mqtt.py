@@ -35,8 +35,11 @@ log = structlog.get_logger("edge_agent.mqtt")
 
 WINDOW = 200  # messages handed to paho and not yet acknowledged
 FETCH = 1000  # messages read ahead from the store at a time
+# Acknowledged messages leave the store in batches: at most DELETE_BATCH, at the latest DELETE_DELAY_S after
+# the first. One transaction per second rather than per message; the price is that after a crash the
+# last second's acknowledged messages go out again (duplicates, never a loss).
 DELETE_BATCH = 500
-DELETE_DELAY_S = 0.05
+DELETE_DELAY_S = 1.0
 HISTORICAL = b',"is_historical":true}'
 
 
@@ -91,7 +94,7 @@ class MqttSink:
         self._ack_signalled = False
         self._paho_error: str | None = None
         self._to_delete: list[int] = []
-        self._delete_due = 0.0
+        self._delete_timer: asyncio.TimerHandle | None = None
         self._connack_ok = asyncio.Event()
         self.transitions = Transitions(log, "mqtt")
         store.add_listener(self._wake.set)
@@ -286,7 +289,7 @@ class MqttSink:
         while not self._lost.is_set():
             self._wake.clear()
             self._handle_acks()
-            if self._to_delete and (stop.is_set() or time.monotonic() >= self._delete_due):
+            if self._to_delete and stop.is_set():
                 self._flush_deletes()
             if stop.is_set():
                 if deadline is None:
@@ -306,10 +309,8 @@ class MqttSink:
                 room -= 1
                 if self._lost.is_set():
                     return
-            if deadline is None and not self._to_delete:
+            if deadline is None:
                 await self._wake.wait()
-            elif deadline is None:
-                await wait_event(self._wake, max(0.001, self._delete_due - time.monotonic()))
             else:
                 await wait_event(self._wake, max(0.01, min(0.1, deadline - time.monotonic())))
 
@@ -361,8 +362,8 @@ class MqttSink:
 
     def _done(self, msgs: list[StoredMessage]) -> None:
         # Deleted in batches: a message acknowledged but not yet deleted is at worst sent twice after a crash.
-        if not self._to_delete:
-            self._delete_due = time.monotonic() + DELETE_DELAY_S
+        if not self._to_delete and self._delete_timer is None and self._loop is not None:
+            self._delete_timer = self._loop.call_later(DELETE_DELAY_S, self._flush_deletes)
         kinds: dict[str, int] = {}
         for m in msgs:
             self._to_delete.append(m.id)
@@ -373,6 +374,9 @@ class MqttSink:
             self._flush_deletes()
 
     def _flush_deletes(self) -> None:
+        if self._delete_timer is not None:
+            self._delete_timer.cancel()
+            self._delete_timer = None
         if self._to_delete:
             ids, self._to_delete = self._to_delete, []
             self.store.delete(ids)

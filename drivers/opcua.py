@@ -808,10 +808,11 @@ class OpcUaDriver(Driver):
         self._dropped_metric.inc(n)
 
     def _reading(self, tag: OpcUaTag, item: Item) -> Reading:
-        _, raw, status, source_ts, server_ts = item
+        _, raw, status, ts = item
         quality = "good" if status < 0x40000000 else quality_of(ua.StatusCode(ua.UInt32(status)))
-        ts = source_ts or server_ts or utcnow()
-        if ts.tzinfo is None:
+        if ts is None:
+            ts = utcnow()
+        elif ts.tzinfo is None:
             ts = ts.replace(tzinfo=UTC)
         value = raw if type(raw) in _PLAIN else plain(raw)
         if (tag.scale is not None or tag.offset is not None) and value is not None:

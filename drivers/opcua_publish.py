@@ -21,8 +21,9 @@ from asyncua.common.utils import Buffer
 from asyncua.ua import ua_binary
 from asyncua.ua.uaerrors import UaStructParsingError
 
-#: One data change: client handle, value (plain Python), status code, source and server timestamps.
-Item = tuple[int, Any, int, datetime | None, datetime | None]
+#: One data change: client handle, value (plain Python), status code, and its timestamp: the source
+#: timestamp, else the server's, else None.
+Item = tuple[int, Any, int, datetime | None]
 
 #: The status of an item whose notification carried no DataValue at all.
 NO_VALUE_STATUS = ua.StatusCodes.BadNoData
@@ -36,6 +37,8 @@ _I64 = struct.Struct("<q")
 _HANDLE_MASK = struct.Struct("<IB")
 _SUB_SEQ = struct.Struct("<I")
 _DOUBLE = struct.Struct("<d")
+_HEADER = struct.Struct("<qII")  # a ResponseHeader's timestamp, request handle and service result
+_NO_HEADER = b"\x00\x00\x00"  # an empty ExtensionObject: null node id, no body
 # Scalar variant types by their built-in type id: how to unpack and how many bytes.
 _SCALARS: dict[int, tuple[struct.Struct, int]] = {
     1: (struct.Struct("<?"), 1),  # Boolean
@@ -74,11 +77,11 @@ def items_of(notification: ua.DataChangeNotification) -> list[Item]:
     for item in notification.MonitoredItems or []:
         dv = item.Value
         if dv is None:
-            out.append((item.ClientHandle, None, NO_VALUE_STATUS, None, None))
+            out.append((item.ClientHandle, None, NO_VALUE_STATUS, None))
             continue
         value = dv.Value.Value if dv.Value is not None else None
         status = dv.StatusCode.value if dv.StatusCode is not None else 0
-        out.append((item.ClientHandle, value, status, dv.SourceTimestamp, dv.ServerTimestamp))
+        out.append((item.ClientHandle, value, status, dv.SourceTimestamp or dv.ServerTimestamp))
     return out
 
 
@@ -132,14 +135,18 @@ def _data_changes(raw: bytes, pos: int, end: int) -> list[Item]:
         if mask & _HAS_STATUS:
             (status,) = _U32.unpack_from(raw, pos)
             pos += 4
-        source = server = None
+        ts = None
         if mask & _HAS_SOURCE_TS:
-            source = _datetime(_I64.unpack_from(raw, pos)[0], times)
+            ticks = _I64.unpack_from(raw, pos)[0]
+            ts = times.get(ticks)
+            if ts is None:
+                ts = times[ticks] = ua.win_epoch_to_datetime(ticks)
             pos += 8
         if mask & _HAS_SERVER_TS:
-            server = _datetime(_I64.unpack_from(raw, pos)[0], times)
+            if ts is None:  # only wanted without a source timestamp
+                ts = _datetime(_I64.unpack_from(raw, pos)[0], times)
             pos += 8
-        append((handle, value, status, source, server))
+        append((handle, value, status, ts))
     (diagnostics,) = _I32.unpack_from(raw, pos)
     pos += 4
     if diagnostics > 0 or pos != end:
@@ -170,14 +177,28 @@ def _notification(raw: bytes, pos: int) -> tuple[Any, int]:
     return _with_asyncua(ua_binary.extensionobject_from_binary, raw, pos)
 
 
+def _response_header(raw: bytes, pos: int) -> tuple[ua.ResponseHeader, int]:
+    """The ResponseHeader: read directly when it has no diagnostics, string table or additional header."""
+    if raw[pos + 16] == 0 and _I32.unpack_from(raw, pos + 17)[0] in (-1, 0) and raw[pos + 21 : pos + 24] == _NO_HEADER:
+        ticks, handle, code = _HEADER.unpack_from(raw, pos)
+        header = ua.ResponseHeader(
+            Timestamp=ua.win_epoch_to_datetime(ticks), RequestHandle=handle, ServiceResult=ua.StatusCode(code)
+        )
+        if _I32.unpack_from(raw, pos + 17)[0] == -1:
+            header.StringTable = None  # type: ignore[assignment]  # as asyncua reads a null array
+        return header, pos + 24
+    return _with_asyncua(lambda buf: ua_binary.struct_from_binary(ua.ResponseHeader, buf), raw, pos)
+
+
 def decode_publish_response(data: Buffer) -> ua.PublishResponse:
     """A PublishResponse whose data change notifications are `DataChanges`; the rest as asyncua has it."""
     raw = bytes(data)
-    _, pos = _with_asyncua(ua_binary.nodeid_from_binary, raw, 0)  # the response's type id
+    if raw[0] == 1:  # the response's type id, a FourByteNodeId as servers send it
+        pos = 4
+    else:
+        _, pos = _with_asyncua(ua_binary.nodeid_from_binary, raw, 0)
     response = ua.PublishResponse()
-    response.ResponseHeader, pos = _with_asyncua(
-        lambda buf: ua_binary.struct_from_binary(ua.ResponseHeader, buf), raw, pos
-    )
+    response.ResponseHeader, pos = _response_header(raw, pos)
     result = response.Parameters
     (result.SubscriptionId,) = _SUB_SEQ.unpack_from(raw, pos)
     (count,) = _I32.unpack_from(raw, pos + 4)

@@ -53,7 +53,7 @@ def same(a: Any, b: Any) -> bool:
 def assert_same_items(ours: list[Any], theirs: list[Any]) -> None:
     assert len(ours) == len(theirs)
     for mine, ref in zip(ours, theirs, strict=True):
-        assert len(mine) == len(ref) == 5
+        assert len(mine) == len(ref) == 4
         for a, b in zip(ref, mine, strict=True):
             assert same(a, b), (ref, mine)
 
@@ -213,3 +213,27 @@ def test_a_truncated_response_raises() -> None:
     for cut in (len(raw) - 3, len(raw) - 12, 40):
         with pytest.raises(Exception):  # noqa: B017 - any decoding error; publish() turns it into UaStructParsingError
             decode_publish_response(Buffer(raw[:cut]))
+
+
+def test_response_headers_read_directly_or_by_asyncua_agree() -> None:
+    plain = ua.ResponseHeader(Timestamp=T0, RequestHandle=77, ServiceResult=ua.StatusCode(ua.StatusCodes.Good))
+    rich = ua.ResponseHeader(
+        Timestamp=T0,
+        RequestHandle=78,
+        ServiceDiagnostics=ua.DiagnosticInfo(SymbolicId=1),
+        StringTable=["eins", "zwei"],
+    )
+    for header in (plain, rich):
+        msg = ua.NotificationMessage(SequenceNumber=1, PublishTime=T0, NotificationData=[])
+        raw = ua_binary.struct_to_binary(
+            ua.PublishResponse(ResponseHeader=header, Parameters=ua.PublishResult(2, NotificationMessage=msg))
+        )
+        ours, theirs = both(raw)
+        assert ours.ResponseHeader == theirs.ResponseHeader
+    # A null string table (length -1) rather than an empty one.
+    raw = bytearray(ua_binary.struct_to_binary(ua.PublishResponse(ResponseHeader=plain)))
+    at = 4 + 17
+    assert raw[at : at + 4] == b"\x00\x00\x00\x00"
+    raw[at : at + 4] = b"\xff\xff\xff\xff"
+    ours, theirs = both(bytes(raw))
+    assert ours.ResponseHeader == theirs.ResponseHeader
