@@ -36,10 +36,9 @@ log = structlog.get_logger("edge_agent.mqtt")
 WINDOW = 200  # messages handed to paho and not yet acknowledged
 FETCH = 1000  # messages read ahead from the store at a time
 # Acknowledged messages leave the store in batches: at most DELETE_BATCH, at the latest DELETE_DELAY_S after
-# the first. One transaction per second rather than per message; the price is that after a crash the
-# last second's acknowledged messages go out again (duplicates, never a loss).
+# the first (a message acknowledged but not yet deleted goes out again after a crash: a duplicate, not a loss).
 DELETE_BATCH = 500
-DELETE_DELAY_S = 1.0
+DELETE_DELAY_S = 0.05
 HISTORICAL = b',"is_historical":true}'
 
 

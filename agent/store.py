@@ -8,7 +8,6 @@ repeats or goes back, even when a corrupt database is renamed aside and a fresh 
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import os
@@ -27,8 +26,6 @@ from agent.sqlite_file import open_durable
 log = structlog.get_logger("edge_agent.store")
 
 SEQ_BLOCK = 10_000
-# The tail of just-written messages kept for the sink (see Store.fetch); past this, the sink reads the file.
-TAIL_MAX_BYTES = 1 << 20
 KINDS = ("telemetry", "status", "alert", "quality", "result")
 
 _SCHEMA = """
@@ -105,11 +102,6 @@ class Store:
         self._listeners: list[Callable[[], None]] = []
         # Messages that could not be written (a full disk) and must not be lost: retried on every append.
         self._unwritten: list[tuple[str, str, dict[str, Any], int, bool, str | None, bytes | None]] = []
-        # The newest messages as written, so that the sink reads what was just appended without a query.
-        # Invariant: every stored message with an id >= _tail_from is in _tail, in id order (None: unknown).
-        self._tail: collections.deque[StoredMessage] = collections.deque()
-        self._tail_from: int | None = None
-        self._tail_bytes = 0  # payload bytes added since the tail last started empty (a bound, not a count)
 
     # -- opening
 
@@ -232,7 +224,6 @@ class Store:
                         " VALUES (?,?,?,?,?,?,?,?)",
                         encoded,
                     )
-                    last_id = self.db.execute("SELECT last_insert_rowid()").fetchone()[0]
                 break
             except sqlite3.OperationalError as err:
                 if not _is_disk_full(err):
@@ -255,7 +246,6 @@ class Store:
         if self.degraded and self.degraded.startswith("disk full"):
             log.info("store_disk_ok")
             self.degraded = None
-        self._keep_tail(last_id, encoded)
         added_tel = sum(1 for r in encoded if r[1] == "telemetry")
         self._depth += len(encoded)
         self._telemetry += added_tel
@@ -265,19 +255,6 @@ class Store:
             self._evict(self._depth - self.max_messages)
         metrics.STORE_DEPTH.set(self._depth)
         self._notify()
-
-    def _keep_tail(self, last_id: int, encoded: list[tuple[Any, ...]]) -> None:
-        """Remember the rows just inserted (one transaction, one writer: consecutive ids ending at `last_id`)."""
-        first_id = last_id - len(encoded) + 1
-        size = sum(len(r[3]) for r in encoded)
-        if self._tail_bytes + size > TAIL_MAX_BYTES or (self._tail and self._tail[-1].id != first_id - 1):
-            self._tail.clear()  # nobody is reading (the broker is down): the sink reads the file
-        if not self._tail:
-            self._tail_from = first_id  # every row from here on is the ones appended below
-            self._tail_bytes = 0
-        self._tail_bytes += size
-        for i, (seq, kind, topic, payload, qos, retain, rt, corr) in enumerate(encoded):
-            self._tail.append(StoredMessage(first_id + i, seq, kind, topic, payload, qos, bool(retain), rt, corr))
 
     def _notify(self) -> None:
         for cb in self._listeners:
@@ -298,8 +275,6 @@ class Store:
             log.error("store_evict_failed", error=str(err))
             return 0
         n = cur.rowcount
-        self._tail.clear()  # some of it may be gone
-        self._tail_from = None
         self._depth -= n
         self._telemetry -= n
         self.evicted += n
@@ -307,31 +282,13 @@ class Store:
         return n
 
     def fetch(self, after_id: int, limit: int) -> list[StoredMessage]:
-        """The next messages in order after `after_id`.
-
-        Read in order, the messages come from the tail of what was just written; the file answers for
-        anything older (a replay, or after the tail was given up).
-        """
-        tail = self._tail
-        if self._tail_from is not None and after_id + 1 >= self._tail_from:
-            while tail and tail[0].id <= after_id:
-                tail.popleft()
-            out = [tail.popleft() for _ in range(min(limit, len(tail)))]
-            # The rows handed out leave the tail; the invariant holds from the next id on.
-            self._tail_from = out[-1].id + 1 if out else max(self._tail_from, after_id + 1)
-            return out
+        """The next messages in order after `after_id`."""
         rows = self.db.execute(
             "SELECT id, seq, kind, topic, payload, qos, retain, response_topic, correlation FROM messages"
             " WHERE id > ? ORDER BY id LIMIT ?",
             (after_id, limit),
         ).fetchall()
-        out = [StoredMessage(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
-        if out and self._tail_from is not None and out[-1].id >= self._tail_from:
-            # Read from the file what the tail also holds: the tail goes on after it.
-            while tail and tail[0].id <= out[-1].id:
-                tail.popleft()
-            self._tail_from = out[-1].id + 1
-        return out
+        return [StoredMessage(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
 
     def max_id(self) -> int:
         """The id of the newest stored message (0 when empty)."""

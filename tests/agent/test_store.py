@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
-import pytest
-
 from agent import metrics
-from agent import store as store_module
 from agent.store import Store
 
 
@@ -105,47 +101,3 @@ def test_delete_after_ack_and_fetch_order(tmp_path: Path) -> None:
     assert store.depth == 6
     assert store.fetch(rest[2].id, 100)[0].id == rest[3].id
     store.close()
-
-
-@pytest.mark.parametrize("tail_bytes", [1 << 20, 200])
-def test_reads_from_the_tail_are_what_the_file_holds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tail_bytes: int
-) -> None:
-    # The sink's reads in order come from memory; any interleaving of appends, reads, acknowledgements,
-    # reconnects (reads from the start again) and evictions must give exactly what the file gives.
-    monkeypatch.setattr(store_module, "TAIL_MAX_BYTES", tail_bytes)
-    store = Store(tmp_path, max_messages=60)
-    store.open()
-    rng = random.Random(11)
-    after, unacked = 0, []
-    try:
-        for step in range(4000):
-            op = rng.random()
-            if op < 0.4:
-                if rng.random() < 0.5:
-                    store.append_encoded([("telemetry", "t", f'{{"n":{step}', 0, False)] * rng.randint(1, 3))
-                else:
-                    store.append("status", "s", {"n": step}, 1, True)
-            elif op < 0.75:
-                limit = rng.choice([1, 2, 7, 1000])
-                want = store.db.execute(
-                    "SELECT id, seq, kind, topic, payload, qos, retain, response_topic, correlation FROM messages"
-                    " WHERE id > ? ORDER BY id LIMIT ?",
-                    (after, limit),
-                ).fetchall()
-                got = store.fetch(after, limit)
-                assert [
-                    (m.id, m.seq, m.kind, m.topic, m.payload, m.qos, int(m.retain), m.response_topic, m.correlation)
-                    for m in got
-                ] == want, step
-                if got:
-                    after = got[-1].id
-                    unacked.extend(m.id for m in got)
-            elif op < 0.93 and unacked:
-                done = rng.sample(unacked, rng.randint(1, len(unacked)))
-                store.delete(done)
-                unacked = [i for i in unacked if i not in set(done)]
-            elif op < 0.97:
-                after, unacked = 0, []  # a reconnect: everything still stored goes out again
-    finally:
-        store.close()
