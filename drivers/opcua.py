@@ -2,7 +2,8 @@
 
 asyncua's iterator mode wraps every value in a queued event object of its own, which cost more CPU than
 the rest of the daemon's path per value; the subscription here queues each notification's item list
-as it arrives, bounded in values, and `events()` walks the lists.
+as it arrives, bounded in values, and `events()` walks the lists. The session's Publish responses are
+decoded by drivers/opcua_publish.py, which reads data changes straight from the bytes.
 
 Recovery is left to the supervisor: a lost session makes `events()` raise, the supervisor leaves the
 context and re-enters it with backoff. asyncua's own auto-reconnect re-creates monitored items from the
