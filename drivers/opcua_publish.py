@@ -3,9 +3,10 @@
 asyncua decodes every value of a notification through its generic dataclass decoder (a DataValue, a
 Variant and their fields, one Python call each), which took most of the driver's CPU. Here the
 envelope is read directly and each data change item becomes one tuple, `Item`; whatever is not a
-plain scalar (arrays, structures, picoseconds, diagnostics) falls back to asyncua's own decoder for that
-notification, so the result is the same either way, only slower. The decoder is installed on the
-driver's own session (`install`), never globally.
+plain scalar (arrays, structures, diagnostics) falls back to asyncua's own decoder for that
+notification, so the result is the same either way, only slower. (Picoseconds are read here as the
+specification orders them, see the mask bits below.) The decoder is installed on the driver's own
+session (`install`), never globally.
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ _SCALARS: dict[int, tuple[struct.Struct, int]] = {
     11: (_DOUBLE, 8),  # Double
 }
 _STRING, _DATETIME, _NULL, _DOUBLE_ID = 12, 13, 0, 11
-# DataValue mask bits (OPC UA Part 6): value, status, source and server timestamps, picoseconds.
-_HAS_VALUE, _HAS_STATUS, _HAS_SOURCE_TS, _HAS_SERVER_TS, _HAS_PICOSECONDS = 0x01, 0x02, 0x04, 0x08, 0x30
+# DataValue mask bits (OPC UA Part 6, 5.2.2.17). The fields follow in the order value, status, source
+# timestamp, source picoseconds, server timestamp, server picoseconds. (asyncua 2.1 decodes both
+# timestamps before both picosecond fields, which misreads a value carrying source picoseconds and a
+# server timestamp; the few servers that send picoseconds follow the specification.)
+_HAS_VALUE, _HAS_STATUS, _HAS_SOURCE_TS, _HAS_SERVER_TS = 0x01, 0x02, 0x04, 0x08
+_HAS_SOURCE_PICOSECONDS, _HAS_SERVER_PICOSECONDS = 0x10, 0x20
 
 
 class _Unsupported(Exception):
@@ -105,8 +110,6 @@ def _data_changes(raw: bytes, pos: int, end: int) -> list[Item]:
     for _ in range(max(count, 0)):
         handle, mask = _HANDLE_MASK.unpack_from(raw, pos)
         pos += 5
-        if mask & _HAS_PICOSECONDS:
-            raise _Unsupported
         value: Any = None
         if mask & _HAS_VALUE:
             vtype = raw[pos]
@@ -142,10 +145,14 @@ def _data_changes(raw: bytes, pos: int, end: int) -> list[Item]:
             if ts is None:
                 ts = times[ticks] = ua.win_epoch_to_datetime(ticks)
             pos += 8
+        if mask & _HAS_SOURCE_PICOSECONDS:
+            pos += 2  # finer than the milliseconds the daemon keeps
         if mask & _HAS_SERVER_TS:
             if ts is None:  # only wanted without a source timestamp
                 ts = _datetime(_I64.unpack_from(raw, pos)[0], times)
             pos += 8
+        if mask & _HAS_SERVER_PICOSECONDS:
+            pos += 2
         append((handle, value, status, ts))
     (diagnostics,) = _I32.unpack_from(raw, pos)
     pos += 4

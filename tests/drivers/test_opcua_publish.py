@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -133,10 +134,9 @@ def test_status_codes_and_timestamps_in_every_combination() -> None:
         value([1.0, 2.0, 3.0], VT.Double),  # an array
         value(ua.LocalizedText("Bereit", "de"), VT.LocalizedText),
         value(ua.NodeId(5, 2), VT.NodeId),
-        value(7, VT.Int32, SourceTimestamp=T0, SourcePicoseconds=5),
         value(b"\x00\x01", VT.ByteString),
     ],
-    ids=["array", "localized-text", "node-id", "picoseconds", "bytes"],
+    ids=["array", "localized-text", "node-id", "bytes"],
 )
 def test_anything_else_falls_back_to_asyncua_with_the_same_result(odd: ua.DataValue) -> None:
     items = [item(1, value(1.0, VT.Double, SourceTimestamp=T0)), item(2, odd), item(3, value("x", VT.String))]
@@ -237,3 +237,37 @@ def test_response_headers_read_directly_or_by_asyncua_agree() -> None:
     raw[at : at + 4] = b"\xff\xff\xff\xff"
     ours, theirs = both(bytes(raw))
     assert ours.ResponseHeader == theirs.ResponseHeader
+
+
+def test_picoseconds_are_skipped_where_the_specification_puts_them() -> None:
+    # Source picoseconds alone: asyncua and the specification agree on the layout.
+    one = ua.DataChangeNotification(
+        MonitoredItems=[
+            item(1, value(7, VT.Int32, SourceTimestamp=T0, SourcePicoseconds=5)),
+            item(2, value(8, VT.Int32)),
+        ]
+    )
+    ours, theirs = both(response([one]))
+    assert_same_items(data_items(ours), data_items(theirs))
+    # Every field, laid out as Part 6 orders a DataValue: value, status, source timestamp, source
+    # picoseconds, server timestamp, server picoseconds.
+    ticks = ua.datetime_to_win_epoch(T0)
+    body = (
+        struct.pack("<i", 2)
+        + struct.pack("<IB", 1, 0x3F)
+        + bytes([11])
+        + struct.pack("<d", 2.5)
+        + struct.pack("<I", ua.StatusCodes.UncertainLastUsableValue)
+        + struct.pack("<qH", ticks, 123)
+        + struct.pack("<qH", ticks + 10_000_000, 456)
+        + struct.pack("<IB", 2, 0x19)  # value, server timestamp, source picoseconds without a source timestamp
+        + bytes([6])
+        + struct.pack("<i", -4)
+        + struct.pack("<H", 9)
+        + struct.pack("<q", ticks)
+        + struct.pack("<i", -1)
+    )
+    assert _data_changes(body, 0, len(body)) == [
+        (1, 2.5, ua.StatusCodes.UncertainLastUsableValue, T0),
+        (2, -4, 0, T0),
+    ]
