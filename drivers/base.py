@@ -163,7 +163,11 @@ class PollingDriver(Driver):
 
     @abc.abstractmethod
     async def read_once(self) -> list[Event]:
-        """One poll: the current values; raise ConnectionError/OSError when the link is lost."""
+        """One poll: the current values; raise ConnectionError/OSError when the link is lost.
+
+        A driver may give only what changed since its last poll and end the list with `Unchanged`,
+        which tells the monitor that every value not given is still current.
+        """
 
     async def events(self) -> AsyncIterator[Event]:
         interval = self.poll_interval_s
