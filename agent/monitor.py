@@ -40,11 +40,9 @@ log = structlog.get_logger("edge_agent.monitor")
 
 MAX_VALUES_PER_MESSAGE = 1000
 # Telemetry pacing (see Monitor._schedule_flush): how much faster than one per interval the flushes of a
-# source delivering about once per interval may go, how many may go back to back, and how long a pause
-# between two readings makes them two deliveries.
+# source delivering about once per interval may go, and how many may go back to back.
 FLUSH_SLACK = 0.25
 FLUSH_BURST = 2.0
-DELIVERY_GAP_S = 0.002
 
 
 class Sink(Protocol):
@@ -177,8 +175,8 @@ class Monitor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._flushed_at = -math.inf
-        self._batch_at = 0.0  # when the values now waiting started to arrive
-        self._batch_spread = False  # they came in more than one delivery
+        self._turned = False  # the event loop has turned since the values now waiting started to arrive
+        self._batch_spread = False  # so they came in more than one delivery
         self._last_spread = False  # so did the last flush's
         self._tokens = FLUSH_BURST
         self._tokens_at = 0.0
@@ -275,9 +273,8 @@ class Monitor:
             )
             if self._flush_handle is None:
                 if self._loop is not None:
-                    self._batch_at = now
                     self._schedule_flush(self._loop)
-            elif now - self._batch_at > DELIVERY_GAP_S:
+            elif self._turned:
                 self._batch_spread = True
         if tag in st.roles:
             if "tag" in st.roles[tag]:
@@ -291,7 +288,7 @@ class Monitor:
         st = self.equipment.get(eid)
         if st is None:
             return
-        now = time.monotonic()
+        now = self._time()
         st.last_value_at = now
         if st.status_tag is not None and st.status_tag in st.values:
             st.status_value_at = now
@@ -507,6 +504,9 @@ class Monitor:
           refilled at exactly one token per interval would, for a source beating at the interval,
           hold every delivery back by whatever delay it once had, for good.
         """
+        # A driver hands over a delivery without yielding to the loop: what arrives after it turned is another.
+        self._turned = False
+        loop.call_soon(self._mark_turn)
         interval = self.cfg.mqtt.telemetry_interval_s
         if interval <= 0:
             self._flush_handle = loop.call_soon(self._flush_due)
@@ -521,6 +521,9 @@ class Monitor:
         else:
             wait = (1.0 - self._tokens) * interval / (1.0 + FLUSH_SLACK)
             self._flush_handle = loop.call_at(now + wait, self._flush_due)
+
+    def _mark_turn(self) -> None:
+        self._turned = True
 
     def _refill(self, now: float, interval: float) -> None:
         gained = (now - self._tokens_at) * (1.0 + FLUSH_SLACK) / interval

@@ -158,3 +158,15 @@ def test_a_source_delivering_faster_than_the_pacer_allows_is_batched(tmp_path: P
     assert sum(sink.sizes) == deliveries
     assert len(sink.times) <= (1 + FLUSH_SLACK) * 20.0 / INTERVAL + FLUSH_BURST
     assert len(sink.times) < deliveries
+
+
+def test_a_large_delivery_is_one_delivery_however_long_it_takes(tmp_path: Path) -> None:
+    # A poll of thousands of values, handed over without yielding to the loop, at the interval's beat:
+    # each is flushed on arrival, not mistaken for many deliveries and batched.
+    mon, clock, sink = monitor(tmp_path)
+    times = [1.0 + INTERVAL * i for i in range(20)]
+    for at in times:
+        deliver(mon, clock, at, values=3000)
+        clock.advance(at)
+    assert sink.times == [t for t in times for _ in range(3)]  # 3,000 values: three messages of 1,000
+    assert sink.sizes == [1000] * 60
