@@ -105,6 +105,7 @@ class EquipmentClient:
             self.config,
             self._sink,
             {equipment_id: get_driver(self.equipment.driver).default_stale_after_s(self.equipment)},
+            telemetry=False,  # nothing publishes it: building it would only pile up
         )
         self._monitor.status_listeners.append(self._status_changed)
         self._live: dict[str, Driver] = {}

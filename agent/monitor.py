@@ -159,9 +159,18 @@ class EquipmentState:
 class Monitor:
     """Per-equipment state, fed by drivers, writing messages to the store."""
 
-    def __init__(self, cfg: AgentConfig, store: Sink, stale_defaults: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        store: Sink,
+        stale_defaults: dict[str, float] | None = None,
+        *,
+        telemetry: bool = True,
+    ) -> None:
         self.store = store
         self.cfg = cfg
+        # False where nobody publishes telemetry (the Python API): values are kept, no messages built.
+        self._telemetry = telemetry
         self.equipment: dict[str, EquipmentState] = {}
         self.status_listeners: list[StatusListener] = []
         self.quality_handler: Callable[[str, dict[str, Any], str], Awaitable[tuple[bool, str]]] | None = None
@@ -263,19 +272,20 @@ class Monitor:
         last = st.reported.get(tag)
         if last is None or last[1] != r.quality or _changed(r.value, last[0], st.deadband.get(tag, 0.0)):
             st.reported[tag] = (r.value, r.quality)
-            ts = r.ts
-            if ts is not self._last_ts:
-                self._last_ts = ts
-                self._last_iso = self._iso(ts)
-            st.pending.append(
-                f'{{"tag":{_tag_json(tag)},"value":{encode_value(r.value)},"unit":{st.units.get(tag, "null")},'
-                f'"ts":"{self._last_iso}","quality":"{r.quality}"}}'
-            )
-            if self._flush_handle is None:
-                if self._loop is not None:
-                    self._schedule_flush(self._loop)
-            elif self._turned:
-                self._batch_spread = True
+            if self._telemetry:
+                ts = r.ts
+                if ts is not self._last_ts:
+                    self._last_ts = ts
+                    self._last_iso = self._iso(ts)
+                st.pending.append(
+                    f'{{"tag":{_tag_json(tag)},"value":{encode_value(r.value)},"unit":{st.units.get(tag, "null")},'
+                    f'"ts":"{self._last_iso}","quality":"{r.quality}"}}'
+                )
+                if self._flush_handle is None:
+                    if self._loop is not None:
+                        self._schedule_flush(self._loop)
+                elif self._turned:
+                    self._batch_spread = True
         if tag in st.roles:
             if "tag" in st.roles[tag]:
                 st.status_value_at = now

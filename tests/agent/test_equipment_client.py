@@ -60,6 +60,11 @@ async def test_every_method(tmp_path: Path) -> None:
         script_line(script, tag="temp", value=21.5)
         reading = await eq.read_sensor_data("temp")
         assert reading["value"] == 21.5 and reading["unit"] == "degC" and reading["quality"] == "good"
+        for i in range(50):
+            script_line(script, tag="temp", value=30.0 + i)
+        await wait_for(lambda: eq._monitor.equipment["mill-1"].values["temp"].value == 79.0)
+        # Nothing publishes telemetry here, so none is kept waiting for a flush that never comes.
+        assert eq._monitor.equipment["mill-1"].pending == []
         await wait_for(lambda: any(s.status == "running" and s.process_id == "P-1" for s in seen))
         status = await eq.get_equipment_status()
         assert status.status == "running" and status.process_id == "P-1", status.error_message
