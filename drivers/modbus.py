@@ -644,16 +644,15 @@ class ModbusDriver(PollingDriver):
         conn = self.conn
         client: AsyncModbusTcpClient | AsyncModbusSerialClient
         # reconnect_delay=0: pymodbus must not reconnect on its own; the supervisor does, with backoff.
+        common: dict[str, Any] = {
+            "timeout": conn.timeout_s,
+            "retries": conn.retries,
+            "reconnect_delay": 0,
+            "reconnect_delay_max": 0,
+            "trace_connect": self._on_link,
+        }
         if conn.transport == "tcp":
-            client = AsyncModbusTcpClient(
-                conn.host or "",
-                port=conn.port,
-                timeout=conn.timeout_s,
-                retries=conn.retries,
-                reconnect_delay=0,
-                reconnect_delay_max=0,
-                trace_connect=self._on_link,
-            )
+            client = AsyncModbusTcpClient(conn.host or "", port=conn.port, **common)
         else:
             client = AsyncModbusSerialClient(
                 str(conn.serial_port),
@@ -662,11 +661,7 @@ class ModbusDriver(PollingDriver):
                 parity=conn.parity,
                 stopbits=conn.stopbits,
                 bytesize=conn.bytesize,
-                timeout=conn.timeout_s,
-                retries=conn.retries,
-                reconnect_delay=0,
-                reconnect_delay_max=0,
-                trace_connect=self._on_link,
+                **common,
             )
         for response in (_RawHoldingResponse, _RawInputResponse):
             client.register(response)

@@ -36,7 +36,6 @@ _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
 _HANDLE_MASK = struct.Struct("<IB")
-_SUB_SEQ = struct.Struct("<I")
 _DOUBLE = struct.Struct("<d")
 _HEADER = struct.Struct("<qII")  # a ResponseHeader's timestamp, request handle and service result
 _NO_HEADER = b"\x00\x00\x00"  # an empty ExtensionObject: null node id, no body
@@ -140,10 +139,7 @@ def _data_changes(raw: bytes, pos: int, end: int) -> list[Item]:
             pos += 4
         ts = None
         if mask & _HAS_SOURCE_TS:
-            ticks = _I64.unpack_from(raw, pos)[0]
-            ts = times.get(ticks)
-            if ts is None:
-                ts = times[ticks] = ua.win_epoch_to_datetime(ticks)
+            ts = _datetime(_I64.unpack_from(raw, pos)[0], times)
             pos += 8
         if mask & _HAS_SOURCE_PICOSECONDS:
             pos += 2  # finer than the milliseconds the daemon keeps
@@ -186,12 +182,13 @@ def _notification(raw: bytes, pos: int) -> tuple[Any, int]:
 
 def _response_header(raw: bytes, pos: int) -> tuple[ua.ResponseHeader, int]:
     """The ResponseHeader: read directly when it has no diagnostics, string table or additional header."""
-    if raw[pos + 16] == 0 and _I32.unpack_from(raw, pos + 17)[0] in (-1, 0) and raw[pos + 21 : pos + 24] == _NO_HEADER:
+    strings = _I32.unpack_from(raw, pos + 17)[0]
+    if raw[pos + 16] == 0 and strings in (-1, 0) and raw[pos + 21 : pos + 24] == _NO_HEADER:
         ticks, handle, code = _HEADER.unpack_from(raw, pos)
         header = ua.ResponseHeader(
             Timestamp=ua.win_epoch_to_datetime(ticks), RequestHandle=handle, ServiceResult=ua.StatusCode(code)
         )
-        if _I32.unpack_from(raw, pos + 17)[0] == -1:
+        if strings == -1:
             header.StringTable = None  # type: ignore[assignment]  # as asyncua reads a null array
         return header, pos + 24
     return _with_asyncua(lambda buf: ua_binary.struct_from_binary(ua.ResponseHeader, buf), raw, pos)
@@ -207,7 +204,7 @@ def decode_publish_response(data: Buffer) -> ua.PublishResponse:
     response = ua.PublishResponse()
     response.ResponseHeader, pos = _response_header(raw, pos)
     result = response.Parameters
-    (result.SubscriptionId,) = _SUB_SEQ.unpack_from(raw, pos)
+    (result.SubscriptionId,) = _U32.unpack_from(raw, pos)
     (count,) = _I32.unpack_from(raw, pos + 4)
     pos += 8
     result.AvailableSequenceNumbers = list(struct.unpack_from(f"<{max(count, 0)}I", raw, pos))
@@ -215,7 +212,7 @@ def decode_publish_response(data: Buffer) -> ua.PublishResponse:
     result.MoreNotifications = bool(raw[pos])
     pos += 1
     message = result.NotificationMessage
-    (message.SequenceNumber,) = _SUB_SEQ.unpack_from(raw, pos)
+    (message.SequenceNumber,) = _U32.unpack_from(raw, pos)
     message.PublishTime = ua.win_epoch_to_datetime(_I64.unpack_from(raw, pos + 4)[0])
     (count,) = _I32.unpack_from(raw, pos + 12)
     pos += 16

@@ -49,6 +49,22 @@ def wait_until(predicate: Callable[[], Any], timeout: float = GUARD_S, what: str
         delay = min(delay * 1.5, 0.2)
 
 
+def metric_total(http_port: int, name: str, **labels: str) -> float:
+    """The sum of a daemon's /metrics samples called `name` whose labels include `labels`."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=GUARD_S) as resp:
+        text = resp.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 def require_tool(name: str) -> str:
     """The path of a required external tool; under CI a missing one fails, elsewhere it skips."""
     import pytest
@@ -446,11 +462,8 @@ class SocatPair:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.exe, "-d", "-d", f"pty,raw,echo=0,link={self.a}", f"pty,raw,echo=0,link={self.b}"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        args = socat_pty_args(self.exe, self.a, self.b)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: self.a.exists() and self.b.exists(), what="socat's pty links")
 
     def stop(self) -> None:
@@ -458,6 +471,58 @@ class SocatPair:
             self.proc.terminate()
             self.proc.wait(GUARD_S)
             self.proc = None
+        for link in (self.a, self.b):
+            link.unlink(missing_ok=True)
+
+
+def socat_pty_args(exe: str, a: Path, b: Path) -> list[str]:
+    """socat linking two raw ptys at `a` and `b`."""
+    return [exe, "-d", "-d", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"]
+
+
+class AsyncSocatPair:
+    """A `socat` pty pair for async tests: one side opens `a`, the other `b`; stop and start again to cut
+    the line and bring it back."""
+
+    def __init__(self, folder: Path) -> None:
+        self.exe = require_tool("socat")
+        self.a = folder / "a.tty"
+        self.b = folder / "b.tty"
+        self.log = folder / "socat.log"
+        self.proc: Any = None  # asyncio.subprocess.Process
+
+    async def start(self) -> None:
+        import asyncio
+
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *socat_pty_args(self.exe, self.a, self.b),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GUARD_S
+        while not (self.a.exists() and self.b.exists()):
+            assert self.proc.returncode is None, self.log.read_text()
+            assert loop.time() < deadline, "socat did not link the pty pair"
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        import asyncio
+
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.terminate()
+        try:
+            async with asyncio.timeout(GUARD_S):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        # Never leave a link that could point at a pty number the system hands out again.
         for link in (self.a, self.b):
             link.unlink(missing_ok=True)
 

@@ -6,9 +6,7 @@ import asyncio
 import itertools
 import json
 import math
-import os
 import random
-import shutil
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +28,7 @@ from drivers.modbus import (
     encode_registers,
     shortest_float32,
 )
+from peers import AsyncSocatPair
 
 GUARD_S = 30.0
 
@@ -844,55 +843,9 @@ async def test_plc_simulator_runs_under_simulate(tmp_path: Path) -> None:
 # ---- RTU over a socat pty pair ------------------------------------------------------------------
 
 
-def need_socat() -> str:
-    """socat's path; a skip on a developer box without it, a failure in CI."""
-    path = shutil.which("socat")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("socat is required for the Modbus RTU tests (apt-get install socat)")
-        pytest.skip("socat is not installed")
-    return path
-
-
-class PtyPair:
-    """`socat -d -d pty,raw,echo=0,link=A pty,raw,echo=0,link=B`: the driver opens A, the device B."""
-
-    def __init__(self, folder: Path) -> None:
-        self.socat = need_socat()
-        self.a = folder / "plc.tty"
-        self.b = folder / "device.tty"
-        self.log = folder / "socat.log"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                self.socat,
-                "-d",
-                "-d",
-                f"pty,raw,echo=0,link={self.a}",
-                f"pty,raw,echo=0,link={self.b}",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=log,
-            )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + GUARD_S
-        while not (os.path.exists(self.a) and os.path.exists(self.b)):
-            assert self.proc.returncode is None, self.log.read_text()
-            assert loop.time() < deadline, "socat did not link the pty pair"
-            await asyncio.sleep(0.02)
-
-    async def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-
-
 @pytest.fixture
-async def pty_pair(tmp_path: Path) -> AsyncIterator[PtyPair]:
-    pair = PtyPair(tmp_path)
+async def pty_pair(tmp_path: Path) -> AsyncIterator[AsyncSocatPair]:
+    pair = AsyncSocatPair(tmp_path)
     await pair.start()
     yield pair
     await pair.stop()
@@ -910,7 +863,7 @@ def rtu(port: Path, **extra: Any) -> dict[str, Any]:
     }
 
 
-async def test_rtu_reads_the_same_values_as_tcp(pty_pair: PtyPair, tmp_path: Path) -> None:
+async def test_rtu_reads_the_same_values_as_tcp(pty_pair: AsyncSocatPair, tmp_path: Path) -> None:
     over_tcp, over_rtu = SimServer(), SimServer(unit_id=7)
     await over_tcp.start_tcp()
     await over_rtu.start_rtu(str(pty_pair.b), baudrate=115200)
@@ -937,7 +890,7 @@ async def test_rtu_reads_the_same_values_as_tcp(pty_pair: PtyPair, tmp_path: Pat
     assert via_rtu["text"].value == "RTU-OK" and via_rtu["coil9"].value is True
 
 
-async def test_rtu_write_round_trips(pty_pair: PtyPair, tmp_path: Path) -> None:
+async def test_rtu_write_round_trips(pty_pair: AsyncSocatPair, tmp_path: Path) -> None:
     sim = SimServer(unit_id=7)
     await sim.start_rtu(str(pty_pair.b), baudrate=115200)
     try:
@@ -957,7 +910,7 @@ async def test_rtu_write_round_trips(pty_pair: PtyPair, tmp_path: Path) -> None:
         await sim.stop()
 
 
-async def test_rtu_pty_torn_down_then_back(pty_pair: PtyPair, tmp_path: Path) -> None:
+async def test_rtu_pty_torn_down_then_back(pty_pair: AsyncSocatPair, tmp_path: Path) -> None:
     sim = SimServer(unit_id=7)
     await sim.start_rtu(str(pty_pair.b), baudrate=115200)
     sim.set_registers("holding", 0, [321])
@@ -986,7 +939,7 @@ async def test_rtu_pty_torn_down_then_back(pty_pair: PtyPair, tmp_path: Path) ->
         await sim.stop()
 
 
-async def test_rtu_silent_line_times_out_and_raises(pty_pair: PtyPair, tmp_path: Path) -> None:
+async def test_rtu_silent_line_times_out_and_raises(pty_pair: AsyncSocatPair, tmp_path: Path) -> None:
     """The port opens but no device answers on the line: a timeout, ConnectionError, nothing left running."""
     eq = make_equipment(tmp_path, rtu(pty_pair.a, timeout_s=0.3, retries=1), [{"name": "v", "address": 0}])
     async with ModbusDriver(eq, DriverContext(tmp_path)) as d:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -29,6 +26,7 @@ from drivers.marlin import (
     parse_temperatures,
 )
 from drivers.serial_printer import SerialPrinterDriver
+from peers import AsyncSocatPair
 
 GUARD_S = 30.0
 NO_AUTOREPORT = {"AUTOREPORT_TEMP": False, "AUTOREPORT_SD_STATUS": False, "SDCARD": True, "EMERGENCY_PARSER": True}
@@ -47,44 +45,6 @@ async def until(predicate: Callable[[], Any], what: str, timeout: float = GUARD_
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-class SocatPair:
-    """A socat pty pair: the printer opens `a`, the driver opens `b`."""
-
-    def __init__(self, binary: str, folder: Path) -> None:
-        self.binary = binary
-        self.a = folder / "printer-side.tty"
-        self.b = folder / "host-side.tty"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            self.binary,
-            "-d",
-            "-d",
-            f"pty,raw,echo=0,link={self.a}",
-            f"pty,raw,echo=0,link={self.b}",
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        await until(lambda: self.a.exists() and self.b.exists(), "socat's pty links")
-
-    async def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            proc.terminate()
-        try:
-            async with asyncio.timeout(GUARD_S):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        # Never leave a link that could point at a pty number the system hands out again.
-        for link in (self.a, self.b):
-            link.unlink(missing_ok=True)
 
 
 class Collector:
@@ -211,18 +171,8 @@ def leftover_tasks() -> list[asyncio.Task[Any]]:
 # ---- fixtures ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def socat_binary() -> str:
-    binary = shutil.which("socat")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("socat is required under CI=true (apt-get install socat)")
-        pytest.skip("socat is not installed")
-    return binary
-
-
 class Rig:
-    def __init__(self, pair: SocatPair, tmp_path: Path) -> None:
+    def __init__(self, pair: AsyncSocatPair, tmp_path: Path) -> None:
         self.pair = pair
         self.tmp_path = tmp_path
         self.printer: VirtualPrinter | None = None
@@ -241,8 +191,8 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(socat_binary: str, tmp_path: Path) -> AsyncIterator[Rig]:
-    pair = SocatPair(socat_binary, tmp_path)
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    pair = AsyncSocatPair(tmp_path)
     await pair.start()
     rig = Rig(pair, tmp_path)
     try:

@@ -10,9 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from peers import Broker, Daemon, free_port, script_line, scripted_equipment, wait_until, write_config
+from peers import Broker, Daemon, free_port, metric_total, script_line, scripted_equipment, wait_until, write_config
 
 KEYS = {"viewer": "view-key-123", "operator": "op-key-456", "admin": "admin-key-789"}
 ENV = {f"EA_TEST_{role.upper()}_KEY": key for role, key in KEYS.items()}
@@ -145,13 +143,7 @@ def test_routes_keys_and_roles(tmp_path: Path, broker: Broker) -> None:
 
         # metrics parse and move with traffic
         def counter(name: str) -> float:
-            _, _, text = call(port, "GET", "/metrics")
-            total = 0.0
-            for fam in text_string_to_metric_families(text):
-                for sample in fam.samples:
-                    if sample.name == name:
-                        total += sample.value
-            return total
+            return metric_total(port, name)
 
         before = counter("edge_agent_commands_total")
         call(port, "POST", cmd, KEYS["operator"], {"parameters": {"value": 5}})

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from peers import Broker, Daemon, ModbusPeer, Recorder, free_port, wait_until, write_config
+from peers import Broker, Daemon, ModbusPeer, Recorder, free_port, metric_total, wait_until, write_config
 
 R = "edge/test-site/cell-t"
 
@@ -82,10 +79,4 @@ def test_unchanged_values_stay_fresh_and_changes_are_published(tmp_path: Path, b
 
 def block_reads(http_port: int) -> float:
     """Blocks the daemon has read from the device, from its metrics: a count, not a clock."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "edge_agent_driver_reads_total" and sample.labels.get("equipment_id") == "plc-1":
-                return float(sample.value)
-    return 0.0
+    return metric_total(http_port, "edge_agent_driver_reads_total", equipment_id="plc-1")
