@@ -50,10 +50,6 @@ class _MemorySink:
         self.seq += 1
         return self.seq
 
-    def append_many(self, items: Iterable[tuple[str, str, dict[str, Any], int, bool]]) -> None:
-        for _ in items:
-            self.seq += 1
-
     def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None:
         for _ in items:
             self.seq += 1
@@ -115,7 +111,6 @@ class EquipmentClient:
         self._pending: set[asyncio.Future[None]] = set()
         self._router = CommandRouter(self.config, self._sink, self._status_of, self._live.get)
         self._connected = False
-        self._value_arrived = asyncio.Event()
 
     # -- state
 

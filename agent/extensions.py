@@ -17,6 +17,5 @@ def build_extensions(sup: Supervisor) -> list[Any]:
     if sup.cfg.http.enabled:
         from agent.http import HttpApi
 
-        sup.http = HttpApi(sup)
-        out.append(sup.http)
+        out.append(HttpApi(sup))
     return out

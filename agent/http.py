@@ -222,7 +222,11 @@ class HttpApi:
 
     def require(self, request: web.Request, role: str) -> Caller:
         """Check that the caller has at least `role`."""
-        caller = self.authenticate(request)
+        return self._grant(self.authenticate(request), role)
+
+    @staticmethod
+    def _grant(caller: Caller | None, role: str) -> Caller:
+        """`caller` (None: an anonymous loopback caller) if it has at least `role`; 403 otherwise."""
         if caller is None:
             if role == "viewer":
                 return Caller("anonymous-loopback", "viewer")
@@ -265,14 +269,14 @@ class HttpApi:
         """Run a declared command through the command router."""
         eid = request.match_info["eid"]
         name = request.match_info["command"]
-        self.authenticate(request)  # a missing or wrong key is 401 before anything else is said
+        who = self.authenticate(request)  # a missing or wrong key is 401 before anything else is said
         eq = next((e for e in self.sup.cfg.equipment if e.id == eid), None)
         if eq is None:
             raise ApiError(404, "not_found", f"unknown equipment {eid!r}")
         cmd = eq.command(name)
         if cmd is None:
             raise ApiError(404, "not_found", f"command {name!r} is not declared for equipment {eid!r}")
-        caller = self.require(request, cmd.role)
+        caller = self._grant(who, cmd.role)
         raw = await request.read()
         try:
             body = json.loads(raw.decode("utf-8")) if raw.strip() else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +31,11 @@ def parse_iso(text: str) -> datetime:
     """Parse an ISO 8601 timestamp (a trailing `Z` allowed); naive values are taken as UTC."""
     ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Strict compact JSON bytes: what the MPM outbox stores and the MPM client sends, byte for byte."""
+    return json.dumps(json_safe(obj), separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def json_safe(value: Any) -> Any:

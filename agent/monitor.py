@@ -59,8 +59,6 @@ class Sink(Protocol):
         correlation: bytes | None = None,
     ) -> int: ...
 
-    def append_many(self, items: Iterable[tuple[str, str, dict[str, Any], int, bool]]) -> None: ...
-
     def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None: ...
 
     def set_state(self, key: str, value: Any) -> None: ...
@@ -240,7 +238,7 @@ class Monitor:
             key = f"alert|{eq.id}|{a.tag}|{'above' if a.above is not None else 'below'}|{a.threshold:g}"
             keys.add(key)
             st.alerts.setdefault(a.tag, []).append((a, key))
-        persisted = self.store.state_items(f"alert|{eq.id}|")
+        persisted = self.store.state_items(f"alert|{eq.id}|") if keys else {}
         st.active_alerts = {k: v for k, v in persisted.items() if k in keys}
         st.deadband = {t.name: t.deadband for t in eq.tags}
         st.units = {t.name: json.dumps(t.unit) for t in eq.tags if t.unit is not None}
@@ -362,7 +360,7 @@ class Monitor:
         if q.committed is not None and not q.committed.done():
             q.committed.set_result(new)
         if st is not None:
-            st.last_value_at = time.monotonic()
+            st.last_value_at = self._time()
 
     def publish_quality(self, eid: str, result: dict[str, Any], delivery: str, key: str, **extra: Any) -> None:
         """Append a quality message (its `mpm_delivery` state) to the store."""
@@ -427,7 +425,7 @@ class Monitor:
         return bool(
             st.stale_after_s > 0
             and st.status_value_at is not None
-            and time.monotonic() - st.status_value_at > st.stale_after_s
+            and self._time() - st.status_value_at > st.stale_after_s
         )
 
     def _update_status(self, st: EquipmentState) -> None:
@@ -451,7 +449,7 @@ class Monitor:
                     log.exception("status_listener_failed", equipment_id=st.cfg.id)
 
     def _publish_status(self, st: EquipmentState) -> None:
-        st.published_at = time.monotonic()
+        st.published_at = self._time()
         self.store.append("status", f"{self._root}/equipment/{st.cfg.id}/status", st.status.to_dict(), 1, True)
 
     def republish_statuses(self) -> None:
@@ -573,7 +571,7 @@ class Monitor:
 
     def tick(self) -> None:
         """Staleness and heartbeats."""
-        now = time.monotonic()
+        now = self._time()
         heartbeat = self.cfg.mqtt.status_heartbeat_s
         for st in self.equipment.values():
             if st.stale_after_s > 0 and st.connected and st.status.status != "unknown" and self._is_stale(st):
@@ -618,5 +616,5 @@ class Monitor:
             tag: {"value": json_safe(r.value), "unit": self.unit(eid, tag), "ts": iso(r.ts), "quality": r.quality}
             for tag, r in st.values.items()
         }
-        out["last_value_age_s"] = None if st.last_value_at is None else round(time.monotonic() - st.last_value_at, 3)
+        out["last_value_age_s"] = None if st.last_value_at is None else round(self._time() - st.last_value_at, 3)
         return out

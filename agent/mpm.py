@@ -21,7 +21,7 @@ import structlog
 
 from agent.errors import RejectedError, TransientError
 from agent.metrics import MPM_CALLS, MPM_LATENCY
-from agent.model import iso, json_safe, parse_iso, utcnow
+from agent.model import iso, json_bytes, json_safe, parse_iso, utcnow
 
 if TYPE_CHECKING:
     from agent.config import MpmSection
@@ -495,7 +495,7 @@ class MPMClient:
         """PUT /processes/{id}/status; `body`, when given, is sent verbatim (the outbox's stored bytes)."""
         value = status.value if isinstance(status, MPMStatus) else str(status)
         if body is None:
-            body = _dumps({"status": value, "metadata": metadata or {}})
+            body = json_bytes({"status": value, "metadata": metadata or {}})
         _, answer = await self._request(
             "update_process_status",
             "PUT",
@@ -509,7 +509,7 @@ class MPMClient:
         self, process_id: str, results: dict[str, Any] | bytes, idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """POST /processes/{id}/quality-results with the bare result object (bytes are sent verbatim)."""
-        body = results if isinstance(results, bytes) else _dumps(results)
+        body = results if isinstance(results, bytes) else json_bytes(results)
         status, answer = await self._request(
             "submit_quality_results",
             "POST",
@@ -549,6 +549,3 @@ class MPMClient:
             self._healthy = ok
 
 
-def _dumps(obj: Any) -> bytes:
-    """Strict compact JSON bytes."""
-    return json.dumps(json_safe(obj), separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()

@@ -212,22 +212,26 @@ class MqttSink:
         self._loop = asyncio.get_running_loop()
         stop = self._stop
         backoff = Backoff(self.cfg.agent.reconnect_max_s)
-        while not stop.is_set():
-            try:
-                await self._session(stop)
-                backoff.reset()
-            except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as err:
-                self.last_error = describe(err)
-            finally:
-                await self._close_client()
-            if stop.is_set():
-                break
-            self.transitions.mark_down(
-                self.last_error or "disconnected", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"
-            )
-            delay = backoff.next()
-            log.debug("mqtt_attempt_failed", error=self.last_error, retry_in_s=round(delay, 2))
-            await wait_event(stop, delay)
+        try:
+            while not stop.is_set():
+                try:
+                    await self._session(stop)
+                    backoff.reset()
+                except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as err:
+                    self.last_error = describe(err)
+                finally:
+                    await self._close_client()
+                if stop.is_set():
+                    break
+                self.transitions.mark_down(
+                    self.last_error or "disconnected", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"
+                )
+                delay = backoff.next()
+                log.debug("mqtt_attempt_failed", error=self.last_error, retry_in_s=round(delay, 2))
+                await wait_event(stop, delay)
+        finally:
+            # A sink replaced on reload must not be woken by every later append.
+            self.store.remove_listener(self._wake.set)
 
     async def _session(self, stop: asyncio.Event) -> None:
         m = self.cfg.mqtt

@@ -30,7 +30,7 @@ import structlog
 
 from agent.errors import RejectedError, TransientError
 from agent.metrics import OUTBOX_DELIVERED, OUTBOX_DEPTH, OUTBOX_REJECTED
-from agent.model import iso, json_safe, utcnow
+from agent.model import iso, json_bytes, utcnow
 from agent.sqlite_file import open_durable
 
 if TYPE_CHECKING:
@@ -70,11 +70,6 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _COLUMNS = "id, kind, process_id, equipment_id, idempotency_key, body, status_code, reason, created_at, attempts"
-
-
-def encode_body(obj: Any) -> bytes:
-    """The exact bytes stored and sent: strict compact JSON."""
-    return json.dumps(json_safe(obj), separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 @dataclass(slots=True)
@@ -264,7 +259,7 @@ class Outbox:
         self, process_id: str, equipment_id: str | None, result: dict[str, Any], idempotency_key: str
     ) -> bool:
         """Commit a quality result; True when new, False when its key is already pending or delivered."""
-        body = encode_body(result)
+        body = json_bytes(result)
         return self._enqueue([("quality_result", process_id, equipment_id, idempotency_key, body)], None)[0]
 
     def enqueue_status(
@@ -287,7 +282,7 @@ class Outbox:
                 u.process_id,
                 u.equipment_id,
                 u.idempotency_key,
-                encode_body({"status": u.status, "metadata": u.metadata}),
+                json_bytes({"status": u.status, "metadata": u.metadata}),
             )
             for u in updates
         ]

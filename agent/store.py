@@ -26,7 +26,6 @@ from agent.sqlite_file import open_durable
 log = structlog.get_logger("edge_agent.store")
 
 SEQ_BLOCK = 10_000
-KINDS = ("telemetry", "status", "alert", "quality", "result")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -114,8 +113,9 @@ class Store:
         metrics.STORE_DEPTH.set(self._depth)
 
     def _count(self, db: sqlite3.Connection) -> None:
-        self._depth = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-        self._telemetry = db.execute("SELECT COUNT(*) FROM messages WHERE kind='telemetry'").fetchone()[0]
+        self._depth, self._telemetry = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(kind = 'telemetry'), 0) FROM messages"
+        ).fetchone()
 
     def close(self) -> None:
         """Close the database."""
@@ -174,6 +174,11 @@ class Store:
         """Call `cb` after every append (the MQTT sink wakes up)."""
         self._listeners.append(cb)
 
+    def remove_listener(self, cb: Callable[[], None]) -> None:
+        """Stop calling `cb` (a sink that has ended, e.g. replaced on reload)."""
+        if cb in self._listeners:
+            self._listeners.remove(cb)
+
     def append(
         self,
         kind: str,
@@ -189,15 +194,6 @@ class Store:
         payload["seq"] = seq
         self._write([(kind, topic, payload, qos, retain, response_topic, correlation)])
         return seq
-
-    def append_many(self, items: Iterable[tuple[str, str, dict[str, Any], int, bool]]) -> None:
-        """Append several messages in one transaction (telemetry batches)."""
-        rows: list[tuple[str, str, dict[str, Any], int, bool, str | None, bytes | None]] = []
-        for kind, topic, payload, qos, retain in items:
-            payload["seq"] = self.next_seq()
-            rows.append((kind, topic, payload, qos, retain, None, None))
-        if rows:
-            self._write(rows)
 
     def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None:
         """Append messages whose JSON body is already text, an object missing its closing brace;

@@ -49,7 +49,6 @@ class Supervisor:
         self.driver_state: dict[str, dict[str, Any]] = {}
         self.extensions: list[Any] = []  # optional components (outbox, HTTP API) with start/stop
         self.outbox: Any = None
-        self.http: Any = None
         self._tg: asyncio.TaskGroup | None = None
         self._mqtt_task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import structlog
 from pydantic import BaseModel
 
+from agent import metrics
 from agent.config import CommandBase, EquipmentConfig, TagBase
 from agent.errors import CommandError
 from agent.model import CommandResult, Event
@@ -187,6 +188,7 @@ class PollingDriver(Driver):
             if now > next_tick:
                 missed = math.floor((now - next_tick) / interval) + 1
                 self.skipped_ticks += missed
+                metrics.DRIVER_SKIPPED_TICKS.labels(equipment_id=self.equipment.id).inc(missed)
                 next_tick += missed * interval
                 if not slow:
                     slow = True

@@ -377,10 +377,6 @@ class Block:
     _groups: list[_Group] | None = None
     _singles: list[_Codec] = field(default_factory=list)
 
-    @property
-    def tags(self) -> list[str]:
-        return [c.name for c in self.codecs]
-
     def compile(self) -> tuple[list[_Group], list[_Codec]]:
         """Numeric tags grouped by layout into one struct each, so a block decodes in a few C calls.
 
@@ -514,7 +510,7 @@ class _RawInputResponse(ReadInputRegistersResponse):
 
 
 #: A poll's outcome for one block before decoding: its data, or a bad reading per tag it could not read.
-_Part: TypeAlias = "Reading | tuple[Block, tuple[bytes, bytes] | list[bool]]"
+_Part: TypeAlias = "Reading | tuple[Block, bytes | list[bool]]"
 
 
 def _decode(parts: list[_Part], ts: Any) -> list[Event]:
@@ -530,7 +526,8 @@ def _decode(parts: list[_Part], ts: Any) -> list[Event]:
             for codec in block.codecs:
                 out.append(Reading(codec.name, bool(data[codec.start - base]), ts))
             continue
-        big, swapped = data
+        big = data
+        swapped = _swap_bytes(big)
         groups, singles = block.compile()
         for group in groups:
             values: Sequence[Any] = group.struct.unpack_from(swapped if group.swapped else big)
@@ -572,17 +569,15 @@ class ModbusDriver(PollingDriver):
         super().__init__(equipment, context)
         self.conn: ModbusConnection = equipment.connection
         self.tags: list[ModbusTag] = list(equipment.tags)
-        self.blocks: list[Block] = plan(self.tags, self.conn)
+        self.blocks: list[Block] = []  # planned at every connect
         self.requests = 0  # requests sent since the driver was made: benchmarks and tests read it
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self._inflight = 0
         self._bad: dict[str, str] = {}  # tag -> why it is unreadable, to log transitions only
-        self._skipped_seen = 0
         eid = equipment.id
         self._m_reads = metrics.DRIVER_READS.labels(equipment_id=eid)
         self._m_values = metrics.DRIVER_VALUES.labels(equipment_id=eid)
         self._m_latency = metrics.DRIVER_LATENCY.labels(equipment_id=eid)
-        self._m_skipped = metrics.DRIVER_SKIPPED_TICKS.labels(equipment_id=eid)
         self.log = self.log.bind(endpoint=self.conn.endpoint)
 
     # -- config hooks
@@ -722,7 +717,7 @@ class ModbusDriver(PollingDriver):
         finally:
             self._inflight -= 1
 
-    async def _read(self, block: Block) -> tuple[bytes, bytes] | list[bool]:
+    async def _read(self, block: Block) -> bytes | list[bool]:
         """One block's raw data; DeviceError for an exception response."""
         client = self._client
         assert client is not None
@@ -751,7 +746,7 @@ class ModbusDriver(PollingDriver):
             big = struct.pack(f">{len(rr.registers)}H", *rr.registers)
         if len(big) != 2 * block.count:
             raise DeviceError(0)
-        return big, _swap_bytes(big)
+        return big
 
     async def read_once(self) -> list[Event]:
         """One poll of every block; a refused address costs only the tags at fault.
@@ -781,12 +776,9 @@ class ModbusDriver(PollingDriver):
         out.append(Unchanged(ts))
         self._m_values.inc(good)
         self._m_latency.observe(time.monotonic() - started)
-        if self.skipped_ticks != self._skipped_seen:
-            self._m_skipped.inc(self.skipped_ticks - self._skipped_seen)
-            self._skipped_seen = self.skipped_ticks
         return out
 
-    async def _fetch(self, block: Block) -> tuple[bytes, bytes] | list[bool] | DeviceError:
+    async def _fetch(self, block: Block) -> bytes | list[bool] | DeviceError:
         """A block's data, or the device's exception response as a value."""
         try:
             return await self._read(block)
@@ -796,7 +788,7 @@ class ModbusDriver(PollingDriver):
     async def _settle(
         self,
         block: Block,
-        result: tuple[bytes, bytes] | list[bool] | DeviceError,
+        result: bytes | list[bool] | DeviceError,
         ts: Any,
         out: list[_Part],
         refined: list[Block],
@@ -835,9 +827,8 @@ class ModbusDriver(PollingDriver):
             for codec in block.codecs:
                 if self._bad.pop(codec.name, None) is not None:
                     self.log.info("tag_readable", tag=codec.name)
-        data = result if isinstance(result, list) else result[0]
-        if data != block.last:
-            block.last = data
+        if result != block.last:
+            block.last = result
             out.append((block, result))
         return len(block.codecs)
 

@@ -65,6 +65,21 @@ def metric_total(http_port: int, name: str, **labels: str) -> float:
     )
 
 
+async def until(predicate: Callable[[], Any], what: str = "condition", timeout: float = GUARD_S) -> Any:
+    """`wait_until` for async tests: poll `predicate` until it returns something truthy and return that."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 def require_tool(name: str) -> str:
     """The path of a required external tool; under CI a missing one fails, elsewhere it skips."""
     import pytest

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 import scripted_driver  # noqa: F401  (registers the "scripted" driver)
 from agent.equipment import EquipmentClient, EquipmentStatus
 from agent.errors import ConfigError
-from peers import script_line
+from peers import script_line, until
 
 
 def config(script: Path, down: Path | None = None) -> dict[str, Any]:
@@ -25,14 +24,6 @@ def config(script: Path, down: Path | None = None) -> dict[str, Any]:
         "tags": [{"name": "state"}, {"name": "job"}, {"name": "temp", "unit": "degC"}, {"name": "sp"}],
         "commands": [{"name": "set_sp", "kind": "write", "tag": "sp", "min": 0, "max": 100}],
     }
-
-
-async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 async def test_every_method(tmp_path: Path) -> None:
@@ -62,10 +53,10 @@ async def test_every_method(tmp_path: Path) -> None:
         assert reading["value"] == 21.5 and reading["unit"] == "degC" and reading["quality"] == "good"
         for i in range(50):
             script_line(script, tag="temp", value=30.0 + i)
-        await wait_for(lambda: eq._monitor.equipment["mill-1"].values["temp"].value == 79.0)
+        await until(lambda: eq._monitor.equipment["mill-1"].values["temp"].value == 79.0)
         # Nothing publishes telemetry here, so none is kept waiting for a flush that never comes.
         assert eq._monitor.equipment["mill-1"].pending == []
-        await wait_for(lambda: any(s.status == "running" and s.process_id == "P-1" for s in seen))
+        await until(lambda: any(s.status == "running" and s.process_id == "P-1" for s in seen))
         status = await eq.get_equipment_status()
         assert status.status == "running" and status.process_id == "P-1", status.error_message
         assert EquipmentStatus.from_dict(status.to_dict()).to_dict() == status.to_dict()
@@ -82,7 +73,7 @@ async def test_every_method(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError):
             await eq.start_monitoring()
         n = len(seen)
-        await wait_for(lambda: len(seen) >= n + 2)
+        await until(lambda: len(seen) >= n + 2)
         await eq.stop_monitoring()
         assert not eq.is_monitoring
         assert "running" in async_seen
@@ -111,11 +102,11 @@ async def test_link_lost_then_back(tmp_path: Path) -> None:
     client = EquipmentClient("cnc_mill", "mill-4", config(script), state_dir=tmp_path / "s", reconnect_max_s=0.2)
     async with client as eq:
         script_line(script, tag="state", value=0)
-        await wait_for(lambda: eq._monitor.equipment["mill-4"].status.status == "idle")
+        await until(lambda: eq._monitor.equipment["mill-4"].status.status == "idle")
         script_line(script, op="disconnect", error="cable pulled")
-        await wait_for(lambda: eq._monitor.equipment["mill-4"].status.status == "offline")
+        await until(lambda: eq._monitor.equipment["mill-4"].status.status == "offline")
         assert (await eq.get_equipment_status()).error_message == "cable pulled"
         offline = await eq.send_command("set_sp", {"value": 1})
         assert offline["success"] is False and offline["data"]["reason"] == "offline"
         script_line(script, tag="state", value=1)
-        await wait_for(lambda: eq._monitor.equipment["mill-4"].status.status == "running")
+        await until(lambda: eq._monitor.equipment["mill-4"].status.status == "running")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,15 +16,10 @@ from agent.errors import RejectedError, TransientError
 from agent.metrics import REGISTRY
 from agent.mpm import MPMClient, MPMProcessData, MPMStatus, MPMTransientError, _TokenBucket
 from agent.simulate.mpm_emulator import MPMEmulator, emulator_for, simulate_mpm
+from peers import free_port
 
 API_KEY = "k-0123456789-secret"
 CLIENT_OPTIONS: dict[str, Any] = {"backoff_base_s": 0.01, "backoff_max_s": 0.05}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def calls_total(call: str, outcome: str) -> float:

@@ -7,14 +7,14 @@ import hashlib
 import os
 import signal
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.model import json_bytes
 from agent.mpm import MPMClient
-from agent.outbox import Outbox, OutboxItem, encode_body
+from agent.outbox import Outbox, OutboxItem
 from agent.simulate.mpm_emulator import MPMEmulator
+from peers import until
 
 API_KEY = "outbox-test-key"
 CLIENT_OPTIONS: dict[str, Any] = {"backoff_base_s": 0.005, "backoff_max_s": 0.02, "max_retries": 1}
@@ -30,14 +30,6 @@ class Outcomes:
 
     def __call__(self, item: OutboxItem, state: str) -> None:
         self.seen.append((item.idempotency_key, state, item.kind))
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def result(pid: str, n: int) -> dict[str, Any]:
@@ -92,7 +84,7 @@ async def test_body_bytes_and_key_kept_across_retries(tmp_path: Path, emulator: 
     attempts = [c for c in emulator.calls if c["call"] == "submit_quality_results"]
     assert len(attempts) == 5
     assert {c["idempotency_key"] for c in attempts} == {"k-bytes"}
-    assert {c["body_sha256"] for c in attempts} == {hashlib.sha256(encode_body(res)).hexdigest()}
+    assert {c["body_sha256"] for c in attempts} == {hashlib.sha256(json_bytes(res)).hexdigest()}
     assert emulator.results()[0]["body"]["ratio"] == "NaN"
 
 
@@ -103,7 +95,7 @@ async def test_reopen_after_crash_delivers_each_once(tmp_path: Path, emulator: M
     await box.start()
     for n in range(20):
         box.enqueue_quality(f"P-{n % 2}", "cmm-1", result(f"P-{n % 2}", n), f"crash-{n}")
-    await wait_for(lambda: len(emulator.calls) >= 3)
+    await until(lambda: len(emulator.calls) >= 3)
     await box.stop()  # no drain
     box.close()
     emulator.clear_faults()
@@ -124,10 +116,10 @@ async def test_crash_while_in_flight_is_not_duplicated(
     await box.start()
     for n in range(3):
         box.enqueue_quality("P-1", "cmm-1", result("P-1", n), f"inflight-{n}")
-    await wait_for(lambda: len(emulator.calls) >= 1)
+    await until(lambda: len(emulator.calls) >= 1)
     await box.stop()  # the first request is on the wire: MPM stores it, the outbox never hears back
     box.close()
-    await wait_for(lambda: len(emulator.results()) == 1)
+    await until(lambda: len(emulator.results()) == 1)
     emulator.set_delay(0)
     async with Outbox(path, client, **OUTBOX_FAST) as again:
         assert again.depth() == 3
@@ -172,7 +164,7 @@ async def test_sigkill_with_backlog_then_restart(tmp_path: Path, emulator: MPMEm
             assert line, "the child exited before queueing"
             if line.strip() == b"queued":
                 break
-        await wait_for(lambda: len(emulator.results()) >= 10)
+        await until(lambda: len(emulator.results()) >= 10)
         proc.send_signal(signal.SIGKILL)
     finally:
         if proc.returncode is None:
@@ -230,11 +222,11 @@ async def test_stuck_process_does_not_block_others(tmp_path: Path, emulator: MPM
     async with Outbox(tmp_path / "outbox.sqlite", client, **OUTBOX_FAST) as box:
         for n in range(5):
             box.enqueue_quality("P-STUCK", "cmm-1", result("P-STUCK", n), f"stuck-{n}")
-        await wait_for(lambda: len(emulator.calls) >= 4)
+        await until(lambda: len(emulator.calls) >= 4)
         for n in range(5):
             for pid in ("P-X", "P-Y"):
                 box.enqueue_quality(pid, "cmm-1", result(pid, n), f"{pid}-{n}")
-        await wait_for(lambda: len(stored(emulator, "P-X")) == 5 and len(stored(emulator, "P-Y")) == 5)
+        await until(lambda: len(stored(emulator, "P-X")) == 5 and len(stored(emulator, "P-Y")) == 5)
         assert box.depth() == 5 and stored(emulator, "P-STUCK") == []
         emulator.clear_faults()
         assert await box.wait_idle(30)
@@ -246,9 +238,9 @@ async def test_long_retry_after_is_left_to_the_outbox(tmp_path: Path, emulator: 
     emulator.fail(503, 1, retry_after=3600, process_id="P-LATER")
     async with Outbox(tmp_path / "outbox.sqlite", client, **OUTBOX_FAST) as box:
         box.enqueue_quality("P-LATER", "cmm-1", result("P-LATER", 0), "later-0")
-        await wait_for(lambda: len(emulator.calls) >= 1)
+        await until(lambda: len(emulator.calls) >= 1)
         box.enqueue_quality("P-NOW", "cmm-1", result("P-NOW", 0), "now-0")
-        await wait_for(lambda: stored(emulator, "P-NOW") == [0])
+        await until(lambda: stored(emulator, "P-NOW") == [0])
         assert box.depth() == 1 and len([c for c in emulator.calls if c["process_id"] == "P-LATER"]) == 1
 
 
@@ -317,5 +309,5 @@ async def test_async_outcome_callback_and_depth_metric(
     assert REGISTRY.get_sample_value("edge_agent_outbox_depth") == 1
     async with box:
         assert await box.wait_idle(30)
-        await wait_for(lambda: seen == ["cb-1:delivered:7"])
+        await until(lambda: seen == ["cb-1:delivered:7"])
     assert REGISTRY.get_sample_value("edge_agent_outbox_depth") == 0

@@ -27,9 +27,9 @@ from agent.model import ConnectionState, Event, QualityResult, StatusFact, iso
 from drivers.base import DriverContext
 from drivers.file_drop import FileDropDriver, numbered, place_file
 from drivers.inspection_report import file_timestamp
+from peers import GUARD_S
 
 HEADER = "process_id,feature,nominal,measured,lower_tol,upper_tol,unit\n"
-GUARD_S = 30.0
 
 
 def config_text(tmp_path: Path, **conn: Any) -> str:

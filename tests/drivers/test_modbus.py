@@ -28,9 +28,7 @@ from drivers.modbus import (
     encode_registers,
     shortest_float32,
 )
-from peers import AsyncSocatPair
-
-GUARD_S = 30.0
+from peers import GUARD_S, AsyncSocatPair
 
 # ---- harness ------------------------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import socket
 import textwrap
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
@@ -25,17 +24,9 @@ from agent.model import ConnectionState, Event, Reading
 from agent.simulate.opcua_sim import ERROR, IDLE, NS_MACHINE, NS_SPINDLE, PAUSED, RUNNING, MachineServer
 from drivers.base import DriverContext
 from drivers.opcua import OpcUaDriver, plain, quality_of
-
-GUARD_S = 30.0
-
+from peers import GUARD_S, free_port, until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def equipment(
@@ -141,15 +132,6 @@ async def supervise(eq: EquipmentConfig, ctx: DriverContext, out: list[Event], c
                 out.append(ConnectionState(False, str(err)))
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, cap_s)
-
-
-async def until(cond: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + GUARD_S
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -26,25 +26,12 @@ from drivers.marlin import (
     parse_temperatures,
 )
 from drivers.serial_printer import SerialPrinterDriver
-from peers import AsyncSocatPair
+from peers import GUARD_S, AsyncSocatPair, until
 
-GUARD_S = 30.0
 NO_AUTOREPORT = {"AUTOREPORT_TEMP": False, "AUTOREPORT_SD_STATUS": False, "SDCARD": True, "EMERGENCY_PARSER": True}
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = GUARD_S) -> Any:
-    """Poll `predicate` until it returns something truthy; fail naming `what` after the guard."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Collector:
