@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import ssl
 import time
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ import structlog
 from agent.errors import RejectedError, TransientError
 from agent.metrics import MPM_CALLS, MPM_LATENCY
 from agent.model import iso, json_bytes, json_safe, parse_iso, utcnow
+from agent.reconnect import jittered
 
 if TYPE_CHECKING:
     from agent.config import MpmSection
@@ -362,8 +362,7 @@ class MPMClient:
     # ---- the request loop ---------------------------------------------------------------------
 
     def _backoff(self, attempt: int) -> float:
-        delay = min(self.backoff_max_s, self.backoff_base_s * (2**attempt))
-        return delay * (0.5 + random.random() / 2)
+        return jittered(self.backoff_base_s, self.backoff_max_s, attempt)
 
     async def _request(
         self,

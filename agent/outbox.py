@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import inspect
 import json
-import random
 import sqlite3
 import threading
 import time
@@ -31,6 +30,7 @@ import structlog
 from agent.errors import RejectedError, TransientError
 from agent.metrics import OUTBOX_DELIVERED, OUTBOX_DEPTH, OUTBOX_REJECTED
 from agent.model import iso, json_bytes, utcnow
+from agent.reconnect import jittered
 from agent.sqlite_file import open_durable
 
 if TYPE_CHECKING:
@@ -649,8 +649,7 @@ class Outbox:
                 log.warning("outbox_mpm_unreachable", error=str(err), pending=self._depth)
 
     def _backoff(self, attempts: int, retry_after: float | None) -> float:
-        delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** max(0, attempts - 1))
-        delay *= 0.5 + random.random() / 2
+        delay = jittered(self.backoff_base_s, self.backoff_max_s, max(0, attempts - 1))
         if retry_after is not None:
             # Honour the server, within reason: an hour at most.
             delay = max(delay, min(float(retry_after), 3600.0))

@@ -6,6 +6,12 @@ import random
 from typing import Any
 
 
+def jittered(base_s: float, cap_s: float, attempt: int) -> float:
+    """The delay before retry number `attempt` (from 0): uniform in [d / 2, d] for d = min(cap, base * 2^attempt)."""
+    ceiling = min(cap_s, base_s * (2 ** min(attempt, 60)))
+    return random.uniform(ceiling / 2, ceiling)
+
+
 class Backoff:
     """Full-jitter exponential backoff: the n-th delay is uniform in [base*2^n / 2, base*2^n], capped."""
 
@@ -16,9 +22,9 @@ class Backoff:
 
     def next(self) -> float:
         """The delay before the next attempt."""
-        ceiling = min(self.cap_s, self.base_s * (2**self.attempt))
+        delay = jittered(self.base_s, self.cap_s, self.attempt)
         self.attempt = min(self.attempt + 1, 30)
-        return random.uniform(ceiling / 2, ceiling)
+        return delay
 
     def reset(self) -> None:
         """After a success: start from the base delay again."""

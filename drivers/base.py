@@ -109,13 +109,16 @@ class Driver(abc.ABC):
         """Run a validated command; a device refusal is `success: false`, a lost link raises."""
 
 
+def refuse_unknown(name: str, params: dict[str, Any], allowed: set[str]) -> None:
+    """Raise CommandError naming the parameters of command `name` that are not in `allowed`."""
+    extra = set(params) - allowed
+    if extra:
+        raise CommandError(f"command {name!r}: unknown parameter(s) {', '.join(sorted(extra))}", "bad_parameters")
+
+
 def validate_write(equipment: EquipmentConfig, command: CommandBase, params: dict[str, Any]) -> dict[str, Any]:
     """The `write` kind's schema: `{value}`, numeric (bools allowed), within the command's min/max."""
-    extra = set(params) - {"value"}
-    if extra:
-        raise CommandError(
-            f"command {command.name!r}: unknown parameter(s) {', '.join(sorted(extra))}", "bad_parameters"
-        )
+    refuse_unknown(command.name, params, {"value"})
     if "value" not in params:
         raise CommandError(f"command {command.name!r}: parameter 'value' is required", "bad_parameters")
     value = params["value"]

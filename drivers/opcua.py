@@ -42,7 +42,7 @@ from agent import metrics
 from agent.config import CommandBase, EquipmentConfig, SecretHolder, TagBase
 from agent.errors import CommandError
 from agent.model import CommandResult, Event, Reading, utcnow
-from drivers.base import Driver, DriverContext, validate_write
+from drivers.base import Driver, DriverContext, refuse_unknown, validate_write
 from drivers.opcua_publish import DataChanges, Item, items_of
 from drivers.opcua_publish import install as install_publish_decoder
 from drivers.registry import register_driver
@@ -435,11 +435,7 @@ class OpcUaDriver(Driver):
         if command.kind == "write":
             return validate_write(equipment, command, params)
         if command.kind in METHOD_KINDS:
-            extra = set(params) - {"args"}
-            if extra:
-                raise CommandError(
-                    f"command {command.name!r}: unknown parameter(s) {', '.join(sorted(extra))}", "bad_parameters"
-                )
+            refuse_unknown(command.name, params, {"args"})
             args = params.get("args", [])
             if not isinstance(args, list):
                 raise CommandError(f"command {command.name!r}: parameter 'args' must be a list", "bad_parameters")

@@ -26,7 +26,7 @@ from agent.config import CommandBase, EquipmentConfig, Model, TagBase
 from agent.errors import CommandError
 from agent.metrics import DRIVER_ERRORS, DRIVER_LATENCY, DRIVER_READS, DRIVER_VALUES
 from agent.model import CommandResult, ConnectionState, Event, Reading, StatusFact, utcnow
-from drivers.base import Driver, DriverContext
+from drivers.base import Driver, DriverContext, refuse_unknown
 from drivers.marlin import (
     MarlinLink,
     command_code,
@@ -179,7 +179,7 @@ class SerialPrinterDriver(Driver):
             return CommandError(f"command {name!r}: {message}", reason)
 
         if command.kind == "start_print":
-            _no_extra(name, params, {"file"})
+            refuse_unknown(name, params, {"file"})
             file = params.get("file")
             if not isinstance(file, str) or not file.strip():
                 raise bad("parameter 'file' (a file name from the SD listing) is required")
@@ -188,7 +188,7 @@ class SerialPrinterDriver(Driver):
                 raise bad(f"file name {file!r} has characters a printer cannot take")
             return {"file": file}
         if command.kind == "set_temperature":
-            _no_extra(name, params, {"heater", "target"})
+            refuse_unknown(name, params, {"heater", "target"})
             heater = params.get("heater")
             if heater not in HEATERS:
                 raise bad(f"unknown heater {heater!r} (hotend or bed)")
@@ -672,12 +672,6 @@ class SerialPrinterDriver(Driver):
                 data = {"reason": "device", "lines_done": i, "response": answer[-50:]}
                 return CommandResult(False, f"line {i + 1} ({line!r}) failed: {failure}", data)
         return CommandResult(True, f"{len(lines)} line(s) done", {"lines_done": len(lines), "response": answer[-50:]})
-
-
-def _no_extra(name: str, params: dict[str, Any], allowed: set[str]) -> None:
-    extra = set(params) - allowed
-    if extra:
-        raise CommandError(f"command {name!r}: unknown parameter(s) {', '.join(sorted(extra))}", "bad_parameters")
 
 
 def _current_file(lines: list[str]) -> str | None:
