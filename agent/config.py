@@ -131,6 +131,7 @@ class MqttSection(SecretHolder):
     telemetry_interval_s: float = Field(1.0, gt=0)
     status_heartbeat_s: float = Field(60.0, gt=0)
     buffer_max_messages: int = Field(1_000_000, ge=1)
+    replay_max_per_s: float = Field(2000.0, ge=0)  # pace of the replayed backlog; 0 = unpaced
     commands_enabled: bool = True
     command_max_age_s: float = Field(30.0, gt=0)
 
@@ -165,7 +166,8 @@ class MqttSection(SecretHolder):
 class MpmSection(SecretHolder):
     __secrets__ = ("api_key", "token", "client_secret")
     base_url: str
-    auth: Literal["api_key", "bearer", "oauth2"] = "api_key"
+    auth: Literal["none", "api_key", "bearer", "oauth2"] = "api_key"
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # a larger quality result is failed at its source
     api_key_file: Path | None = None
     api_key_env: str | None = None
     token_file: Path | None = None

@@ -28,6 +28,8 @@ class DriverContext:
 
     state_dir: Path
     reconnect_max_s: float = 30.0
+    # The largest quality-result body MPM accepts ([mpm] max_body_bytes): a larger one is failed at its source.
+    max_result_bytes: int | None = None
 
 
 class Driver(abc.ABC):

@@ -13,10 +13,19 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import Broker
+
+# Property-based fuzzing of outside-input parsers: a fixed, bounded profile by default (and in CI); a longer
+# random one by hand with HYPOTHESIS_PROFILE=long.
+settings.register_profile(
+    "ci", max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 class _PendingTasks(logging.Handler):
