@@ -222,6 +222,10 @@ class HttpSection(Model):
     unhealthy_after_s: float = Field(30.0, gt=0)
     max_body_bytes: int = Field(65536, ge=1024)
     rate_limit_per_minute: int = Field(600, ge=1)
+    auth_failures_per_minute: int = Field(10, ge=1)  # failed keys from one address before 429
+    max_connections: int = Field(256, ge=1)  # concurrent connections; beyond it new ones are refused
+    header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within this
+    idle_timeout_s: float = Field(60.0, gt=0)  # an idle keep-alive connection is closed after this
     api_keys: list[ApiKey] = Field(default_factory=list)
 
     @field_validator("listen")
