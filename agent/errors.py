@@ -31,6 +31,10 @@ class ConfigError(AgentError):
         self.problems = problems
 
 
+class StartupError(AgentError):
+    """The daemon cannot start here (a taken port, an unwritable state_dir, an unreadable certificate)."""
+
+
 class CommandError(AgentError):
     """A command was refused; `reason` is a short machine-readable word, the message says why.
 

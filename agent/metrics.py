@@ -63,7 +63,28 @@ STORE_STORED = Counter("edge_agent_store_stored_total", "Messages committed to t
 STORE_EVICTED = Counter(
     "edge_agent_store_evicted_total", "Telemetry messages evicted from a full store", registry=REGISTRY
 )
-STORE_ERRORS = Counter("edge_agent_store_errors_total", "Store write failures (a full disk)", registry=REGISTRY)
+STORE_ERRORS = Counter(
+    "edge_agent_store_errors_total", "Store write failures (full, read-only, I/O error)", registry=REGISTRY
+)
+STORE_DURABLE = Gauge(
+    "edge_agent_store_durable",
+    "1 while the store can write state_dir; 0 while messages are held in memory",
+    registry=REGISTRY,
+)
+STORE_HELD = Gauge(
+    "edge_agent_store_held_messages", "Messages held in memory because state_dir cannot be written", registry=REGISTRY
+)
+STORE_LOST = Counter(
+    "edge_agent_store_lost_total",
+    "Messages held in memory that could neither be written nor delivered before the daemon stopped",
+    ["kind"],
+    registry=REGISTRY,
+)
+STORE_RECREATED = Counter(
+    "edge_agent_store_recreated_total",
+    "Store files found deleted or replaced and carried into a new file",
+    registry=REGISTRY,
+)
 
 # commands
 COMMANDS = Counter(

@@ -152,6 +152,9 @@ class EquipmentState:
     # tag -> its unit as JSON text, only for tags that have one (names are plain identifiers)
     units: dict[str, str] = field(default_factory=dict)
     status_tag: str | None = None  # the tag the status is read from, if any
+    # One delivery, one derivation: status and alerts wait until the driver has handed over all it had.
+    unsettled: bool = False
+    alert_queue: list[Reading] = field(default_factory=list)
 
 
 class Monitor:
@@ -188,6 +191,8 @@ class Monitor:
         self._tokens = FLUSH_BURST
         self._tokens_at = 0.0
         self._time = time.monotonic  # the loop's clock (a test may give the monitor its own)
+        self._unsettled: list[EquipmentState] = []
+        self._settle_handle: asyncio.Handle | None = None
         self.apply_config(cfg)
 
     # -- configuration
@@ -287,9 +292,39 @@ class Monitor:
         if tag in st.roles:
             if "tag" in st.roles[tag]:
                 st.status_value_at = now
-            self._update_status(st)
+            self._defer(st)
         if tag in st.alerts and r.quality != "bad":
-            self._check_alerts(st, tag, r)
+            st.alert_queue.append(r)
+            self._defer(st)
+
+    def _defer(self, st: EquipmentState) -> None:
+        """Derive status and alerts once the current delivery is applied whole (see `_settle`)."""
+        if self._loop is None:
+            self._settle_one(st)  # no loop (the Python API's direct calls): each event is its own delivery
+            return
+        if not st.unsettled:
+            st.unsettled = True
+            self._unsettled.append(st)
+            if self._settle_handle is None:
+                self._settle_handle = self._loop.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        """Runs when the loop turns, i.e. once a driver has handed over a whole delivery (a publish
+        response, a poll, the initial read): one status per distinct status, and alerts carrying the
+        process id, operation and job of that same snapshot."""
+        self._settle_handle = None
+        pending, self._unsettled = self._unsettled, []
+        for st in pending:
+            st.unsettled = False
+            self._settle_one(st)
+
+    def _settle_one(self, st: EquipmentState) -> None:
+        self._update_status(st)
+        if st.alert_queue:
+            queue, st.alert_queue = st.alert_queue, []
+            for r in queue:
+                if r.tag in st.alerts:
+                    self._check_alerts(st, r.tag, r)
 
     def on_unchanged(self, eid: str, ev: Unchanged) -> None:
         """A poll confirmed every value not newly given: they, and the status read from them, are fresh."""
@@ -301,7 +336,7 @@ class Monitor:
         if st.status_tag is not None and st.status_tag in st.values:
             st.status_value_at = now
             if st.status.status == "unknown":
-                self._update_status(st)  # it may have gone stale before this poll
+                self._defer(st)  # it may have gone stale before this poll
 
     def _iso(self, ts: datetime) -> str:
         """`iso(ts)`, formatting the date and time once per second: sources give each value its own stamp."""
@@ -323,7 +358,7 @@ class Monitor:
         if ev.connected:
             st.status_value_at = None
             st.fact = None
-        self._update_status(st)
+        self._defer(st)
 
     def on_fact(self, eid: str, fact: StatusFact) -> None:
         """Status that the driver knows directly."""
@@ -331,10 +366,11 @@ class Monitor:
         if st is None:
             return
         st.fact = fact
+        st.last_value_at = self._time()
         if not st.connected:
             st.connected = True
             st.connection_error = None
-        self._update_status(st)
+        self._defer(st)
 
     async def on_quality(self, eid: str, q: QualityResult) -> None:
         """A quality result: made durable (outbox), published pending, its driver told the outcome."""
@@ -592,6 +628,9 @@ class Monitor:
                 self.tick()
                 await wait_event(stop, 0.25)
         finally:
+            if self._settle_handle is not None:
+                self._settle_handle.cancel()
+                self._settle()
             if self._flush_handle is not None:
                 self._flush_handle.cancel()
                 self._flush_handle = None

@@ -1,9 +1,9 @@
 """The MQTT sink (paho-mqtt, MQTT 5): sends what the durable store holds, in order, and takes commands.
 
 Each connection uses a fresh paho client so that paho never re-sends from its own queue: the store is
-the only source of truth. A message leaves the store only on its PUBACK; after a reconnect everything
-still stored goes out again, marked `is_historical` and never retained, after the birth and before the
-current statuses.
+the only source of truth. A message leaves the store only on its PUBACK. On every (re)connect: the birth,
+then every current status, then live traffic, always ahead of what waited in the store; that backlog is
+replayed behind it in order, marked `is_historical`, never retained, paced by `replay_max_per_s`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import metrics
 from agent.config import AgentConfig
+from agent.ratelimit import TokenBucket
 from agent.reconnect import Backoff, Transitions
 from agent.store import Store, StoredMessage, dumps
 from agent.waits import wait_event
@@ -86,9 +87,12 @@ class MqttSink:
         self._client: paho.Client | None = None
         self._lost: asyncio.Event | None = None
         self._inflight: dict[int, StoredMessage] = {}
-        self._fetched = 0  # id of the newest message read ahead from the store
-        self._ahead: collections.deque[StoredMessage] = collections.deque()
-        self._replay_upto = 0
+        # Two streams read ahead from the store: live (newer than the connect) and the replayed backlog.
+        self._live = _Stream()
+        self._replay = _Stream()
+        self._replay_upto = 0  # the backlog is every stored message up to this id at the connect
+        self._pace: TokenBucket | None = None
+        self._pace_timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
         self._ack_signalled = False
         self._paho_error: str | None = None
@@ -263,11 +267,13 @@ class MqttSink:
         self.transitions.mark_up(broker=f"{m.host}:{m.port}")
         self._inflight.clear()
         self._acks.clear()
-        self._fetched = 0
-        self._ahead.clear()
         self._replay_upto = self.store.max_id()
+        self._replay.reset(0, self._replay_upto)
+        self._live.reset(self._replay_upto, None)
+        rate = m.replay_max_per_s
+        self._pace = TokenBucket(rate, burst=max(1.0, rate / 10)) if rate > 0 and self._replay_upto else None
         if self._replay_upto:
-            log.info("mqtt_replay", messages=self.store.depth)
+            log.info("mqtt_replay", messages=self.store.depth, max_per_s=rate or None)
         client.publish(f"{self.root}/state", dumps(self.birth()), qos=1, retain=True)
         # retainAsPublished: a request published with retain is recognised (and refused) even when live.
         opts = SubscribeOptions(qos=1, retainAsPublished=True)
@@ -279,6 +285,9 @@ class MqttSink:
         try:
             await self._pump(stop)
         finally:
+            if self._pace_timer is not None:
+                self._pace_timer.cancel()
+                self._pace_timer = None
             self._handle_acks()
             self._flush_deletes()
             self.connected = False
@@ -297,18 +306,25 @@ class MqttSink:
             if stop.is_set():
                 if deadline is None:
                     deadline = time.monotonic() + self.cfg.agent.shutdown_grace_s
+                    if self.store.held:
+                        # What only memory holds is lost at exit unless it goes now: no pacing for it.
+                        self._pace = None
                 if (not self._inflight and self.store.depth == 0) or time.monotonic() >= deadline:
                     await self._goodbye(client)
                     return
             room = WINDOW - len(self._inflight)
             while room > 0:
-                if not self._ahead:
-                    # Read ahead in large batches: one query per FETCH messages, not one per acknowledgement.
-                    self._ahead.extend(self.store.fetch(self._fetched, FETCH))
-                    if not self._ahead:
+                # Live first: the backlog only fills what live traffic leaves of the window, at its pace.
+                msg = self._live.next(self.store)
+                if msg is None:
+                    if self._replay.done or not self._may_replay():
                         break
-                    self._fetched = self._ahead[-1].id
-                self._send(client, self._ahead.popleft())
+                    msg = self._replay.next(self.store)
+                    if msg is None:
+                        if self._replay.done:
+                            log.info("mqtt_replay_done")
+                        break
+                self._send(client, msg)
                 room -= 1
                 if self._lost.is_set():
                     return
@@ -316,6 +332,18 @@ class MqttSink:
                 await self._wake.wait()
             else:
                 await wait_event(self._wake, max(0.01, min(0.1, deadline - time.monotonic())))
+
+    def _may_replay(self) -> bool:
+        """Whether the pace allows one more replayed message now; if not, wake when it will."""
+        if self._pace is None or self._pace.take():
+            return True
+        if self._pace_timer is None and self._loop is not None:
+            self._pace_timer = self._loop.call_later(self._pace.wait_s(), self._paced_wake)
+        return False
+
+    def _paced_wake(self) -> None:
+        self._pace_timer = None
+        self._wake.set()
 
     async def _goodbye(self, client: paho.Client) -> None:
         """The clean stop: the retained offline state (the will is not sent on a normal disconnect)."""
@@ -327,7 +355,7 @@ class MqttSink:
         self._handle_acks()
         self._flush_deletes()
         if self.store.depth:
-            log.warning("mqtt_stopped_with_backlog", messages=self.store.depth)
+            log.warning("mqtt_stopped_with_backlog", messages=self.store.depth, held_in_memory=self.store.held)
         log.info("mqtt_disconnected_cleanly")
 
     def _send(self, client: paho.Client, msg: StoredMessage) -> None:
@@ -405,6 +433,38 @@ class MqttSink:
     def rebirth(self) -> None:
         """Republish the birth (the caller republishes the statuses)."""
         self.publish_direct(f"{self.root}/state", self.birth(), retain=True)
+
+
+class _Stream:
+    """One ordered stream read ahead from the store: ids after `cursor`, up to `upto` when bounded."""
+
+    __slots__ = ("ahead", "cursor", "done", "upto")
+
+    def __init__(self) -> None:
+        self.ahead: collections.deque[StoredMessage] = collections.deque()
+        self.cursor = 0
+        self.upto: int | None = None
+        self.done = True
+
+    def reset(self, cursor: int, upto: int | None) -> None:
+        self.ahead.clear()
+        self.cursor = cursor
+        self.upto = upto
+        self.done = upto is not None and cursor >= upto
+
+    def next(self, store: Store) -> StoredMessage | None:
+        """The next message of the stream, or None when there is none now."""
+        if not self.ahead:
+            if self.done or (self.upto is None and self.cursor >= store.last_id):
+                return None
+            # Read ahead in large batches: one query per FETCH messages, not one per acknowledgement.
+            self.ahead.extend(store.fetch(self.cursor, FETCH, self.upto))
+            if not self.ahead:
+                if self.upto is not None:
+                    self.done = True
+                return None
+            self.cursor = self.ahead[-1].id
+        return self.ahead.popleft()
 
 
 def describe(err: BaseException) -> str:

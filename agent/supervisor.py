@@ -8,8 +8,11 @@ import ctypes
 import gc
 import os
 import signal
+import sqlite3
+import ssl
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from agent import __version__, metrics
 from agent import systemd as sd
 from agent.commands import CommandRouter
 from agent.config import AgentConfig, EquipmentConfig, load_config
-from agent.errors import ConfigError
+from agent.errors import ConfigError, StartupError
 from agent.logging import configure as configure_logging
 from agent.model import ConnectionState, QualityResult, Reading, iso, utcnow
 from agent.monitor import Monitor
@@ -92,13 +95,15 @@ class Supervisor:
                 degraded = True
                 if down_for is not None and down_for > limit:
                     healthy = False
+        store = self.store
         components["store"] = {
-            "status": "degraded" if self.store.degraded else "up",
-            "depth": self.store.depth,
-            "evicted": self.store.evicted,
-            "error": self.store.degraded,
+            "status": "not_durable" if store.not_durable else "degraded" if store.degraded else "up",
+            "depth": store.depth,
+            "held_in_memory": store.held,
+            "evicted": store.evicted,
+            "error": store.degraded,
         }
-        degraded = degraded or bool(self.store.degraded) or self.store.depth > self.cfg.mqtt.buffer_max_messages
+        degraded = degraded or bool(store.degraded) or store.depth > self.cfg.mqtt.buffer_max_messages
         drivers = {}
         for eq in self.cfg.equipment:
             st = self.driver_state.get(eq.id, {})
@@ -106,7 +111,7 @@ class Supervisor:
             drivers[eq.id] = {
                 "status": "up" if up else "down",
                 "equipment_status": self.status_of(eq.id),
-                "last_success": st.get("last_success"),
+                "last_success": self._last_success(eq.id),
                 "error": st.get("error"),
             }
             degraded = degraded or not up
@@ -117,6 +122,13 @@ class Supervisor:
             degraded = degraded or dead > 0
         status = "ok" if healthy and not degraded else "degraded"
         return {"status": status, "session": self.session, "components": components}, healthy
+
+    def _last_success(self, eid: str) -> str | None:
+        """When the equipment's driver last delivered a good read (a poll, a notification, a status)."""
+        st = self.monitor.equipment.get(eid) if self.monitor is not None else None
+        if st is None or st.last_value_at is None:
+            return None
+        return iso(utcnow() - timedelta(seconds=max(0.0, time.monotonic() - st.last_value_at)))
 
     def refresh_metrics(self) -> None:
         """Gauges read at scrape time."""
@@ -133,13 +145,18 @@ class Supervisor:
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         try:
-            self.store.open()
+            check_readable_files(self.cfg)
+            try:
+                self.store.open()
+            except (OSError, sqlite3.Error) as err:
+                raise StartupError(f"agent.state_dir {self.cfg.agent.state_dir} cannot be written: {err}") from err
             self.monitor = Monitor(self.cfg, self.store, self._stale_defaults(self.cfg))
             self.router = CommandRouter(self.cfg, self.store, self.status_of, self.driver_of)
             await self._start_extensions()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tg.create_task(self.monitor.run(self.stop_event), name="monitor")
+                tg.create_task(self.store.watch(self.stop_event), name="store")
                 self._start_mqtt()
                 for eq in self.cfg.equipment:
                     self._start_driver(eq)
@@ -188,8 +205,15 @@ class Supervisor:
         from agent.extensions import build_extensions
 
         self.extensions = build_extensions(self)
-        for ext in self.extensions:
-            await ext.start()
+        for i, ext in enumerate(self.extensions):
+            try:
+                await ext.start()
+            except OSError as err:
+                # A taken port or an unusable address: stop what started and say which setting is at fault.
+                self.extensions = self.extensions[:i]
+                await self._stop_extensions()
+                what = f"http.listen {self.cfg.http.listen}" if type(ext).__name__ == "HttpApi" else type(ext).__name__
+                raise StartupError(f"{what}: {err.strerror or err}") from err
 
     async def _stop_extensions(self) -> None:
         for ext in reversed(self.extensions):
@@ -231,9 +255,13 @@ class Supervisor:
     async def _drive(self, eq: EquipmentConfig) -> None:
         assert self.monitor is not None
         state = self.driver_state.setdefault(eq.id, {"connected": False, "last_success": None, "error": None})
-        await drive_equipment(
-            eq, self.monitor, self.drivers, state, self.cfg.agent.state_dir, self.cfg.agent.reconnect_max_s
-        )
+        await drive_equipment(eq, self.monitor, self.drivers, state, self.driver_context())
+
+    def driver_context(self) -> DriverContext:
+        """What every driver is given."""
+        a = self.cfg.agent
+        max_result = self.cfg.mpm.max_body_bytes if self.cfg.mpm is not None else None
+        return DriverContext(state_dir=a.state_dir, reconnect_max_s=a.reconnect_max_s, max_result_bytes=max_result)
 
     # -- reload
 
@@ -293,8 +321,7 @@ async def drive_equipment(
     monitor: Monitor,
     live: dict[str, Driver],
     state: dict[str, Any],
-    state_dir: Path,
-    reconnect_max_s: float,
+    ctx: DriverContext,
     connected: Driver | None = None,
 ) -> None:
     """Keep one equipment's driver connected and its events flowing: the one reconnect loop for every driver.
@@ -303,8 +330,7 @@ async def drive_equipment(
     entered by the caller, used for the first round.
     """
     cls = get_driver(eq.driver)
-    ctx = DriverContext(state_dir=state_dir, reconnect_max_s=reconnect_max_s)
-    backoff = Backoff(reconnect_max_s)
+    backoff = Backoff(ctx.reconnect_max_s)
     dlog = log.bind(equipment_id=eq.id, driver=eq.driver)
     transitions = Transitions(dlog, "driver")
     if connected is None:
@@ -324,7 +350,7 @@ async def drive_equipment(
                     transitions.mark_up()
                     backoff.reset()
                     metrics.DRIVER_CONNECTED.labels(eq.id).set(1)
-                    state.update(connected=True, error=None, last_success=iso(utcnow()))
+                    state.update(connected=True, error=None)
                     monitor.on_connection(eq.id, ConnectionState(True))
                     me = asyncio.current_task()
                     async for ev in driver.events():
@@ -340,8 +366,6 @@ async def drive_equipment(
                             if isinstance(ev, ConnectionState):
                                 state["connected"] = ev.connected
                                 state["error"] = ev.error
-                                if ev.connected:
-                                    state["last_success"] = iso(utcnow())
                                 metrics.DRIVER_CONNECTED.labels(eq.id).set(int(ev.connected))
                             monitor.on_event(eq.id, ev)
                     error = "the driver's event stream ended"
@@ -405,6 +429,45 @@ def run_daemon(path: Path) -> int:
     release_memory()
     try:
         return asyncio.run(Supervisor(cfg).run())
+    except StartupError as err:
+        # A fault of the machine or the config's surroundings, not a bug: one line, no traceback.
+        log.error("startup_failed", error=str(err))
+        return 2
     except Exception:
         log.exception("fatal")
         return 1
+
+
+def check_readable_files(cfg: AgentConfig) -> None:
+    """Certificates and keys the daemon will need are readable now, not at the first connect."""
+    m = cfg.mqtt
+    checks: list[tuple[str, Path | None]] = [
+        ("mqtt.ca_file", m.ca_file),
+        ("mqtt.cert_file", m.cert_file),
+        ("mqtt.key_file", m.key_file),
+    ]
+    if cfg.mpm is not None:
+        checks.append(("mpm.ca_file", cfg.mpm.ca_file))
+    for eq in cfg.equipment:
+        conn = eq.connection
+        for name in type(conn).model_fields:
+            if name.endswith("_file"):
+                value = getattr(conn, name, None)
+                # Files a driver generates when absent (an OPC UA client certificate) may be missing.
+                if isinstance(value, Path) and value.exists():
+                    checks.append((f"equipment[{eq.id}].connection.{name}", value))
+    for where, path in checks:
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as err:
+            raise StartupError(f"{where} {path}: {err.strerror or err}") from err
+    if m.tls:
+        try:
+            ctx = ssl.create_default_context(cafile=str(m.ca_file) if m.ca_file else None)
+            if m.cert_file:
+                ctx.load_cert_chain(str(m.cert_file), str(m.key_file) if m.key_file else None)
+        except (ssl.SSLError, OSError, ValueError) as err:
+            raise StartupError(f"mqtt certificates cannot be used: {err}") from err

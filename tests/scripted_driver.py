@@ -16,6 +16,7 @@ on where the previous one stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -65,9 +66,11 @@ class ScriptedDriver(Driver):
         return None
 
     def _save_offset(self) -> None:
+        # Best effort, as a real driver's bookkeeping would be: a read-only state_dir must not stop the data.
         tmp = self.offset_file.with_suffix(".tmp")
-        tmp.write_text(str(self.offset))
-        os.replace(tmp, self.offset_file)
+        with contextlib.suppress(OSError):
+            tmp.write_text(str(self.offset))
+            os.replace(tmp, self.offset_file)
 
     async def events(self) -> AsyncIterator[Event]:
         while True:
