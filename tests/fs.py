@@ -77,3 +77,8 @@ def fill(where: Path) -> Path:
             except OSError:
                 pass
     return filler
+
+
+def remount(where: Path, mode: str) -> None:
+    """Remount `where` `ro` or `rw` (the kernel refuses `ro` while a process holds a file open for writing)."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(where)], check=True)
