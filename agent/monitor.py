@@ -154,6 +154,7 @@ class EquipmentState:
     status_tag: str | None = None  # the tag the status is read from, if any
     # One delivery, one derivation: status and alerts wait until the driver has handed over all it had.
     unsettled: bool = False
+    touched: set[str] = field(default_factory=set)  # status tags given a value in the unsettled delivery
     alert_queue: list[Reading] = field(default_factory=list)
 
 
@@ -269,6 +270,10 @@ class Monitor:
         if st is None:
             return
         tag = r.tag
+        if tag in st.touched:
+            # A second value of a status tag in one delivery is a later moment (a server queue holding
+            # several changes): the moment before it gets its own status, so no transition is lost.
+            self._settle_now(st)
         st.values[tag] = r
         now = self._time()
         st.last_value_at = now
@@ -293,6 +298,8 @@ class Monitor:
             if "tag" in st.roles[tag]:
                 st.status_value_at = now
             self._defer(st)
+            if st.unsettled:
+                st.touched.add(tag)
         if tag in st.alerts and r.quality != "bad":
             st.alert_queue.append(r)
             self._defer(st)
@@ -315,10 +322,15 @@ class Monitor:
         self._settle_handle = None
         pending, self._unsettled = self._unsettled, []
         for st in pending:
-            st.unsettled = False
-            self._settle_one(st)
+            if st.unsettled:
+                self._settle_now(st)
+
+    def _settle_now(self, st: EquipmentState) -> None:
+        st.unsettled = False
+        self._settle_one(st)
 
     def _settle_one(self, st: EquipmentState) -> None:
+        st.touched.clear()
         self._update_status(st)
         if st.alert_queue:
             queue, st.alert_queue = st.alert_queue, []
@@ -365,12 +377,15 @@ class Monitor:
         st = self.equipment.get(eid)
         if st is None:
             return
+        if st.unsettled:
+            self._settle_now(st)
         st.fact = fact
         st.last_value_at = self._time()
         if not st.connected:
             st.connected = True
             st.connection_error = None
-        self._defer(st)
+        # A fact is a whole status already: each one is published, none merged into a later one.
+        self._update_status(st)
 
     async def on_quality(self, eid: str, q: QualityResult) -> None:
         """A quality result: made durable (outbox), published pending, its driver told the outcome."""
