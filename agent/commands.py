@@ -4,6 +4,11 @@ Only declared commands run; the driver that owns a command kind validates its pa
 equipment's current state must allow the command; MQTT requests are refused when retained, too old or
 expired, and a `request_id` seen in the last 10 minutes gets its first result again instead of running
 twice. Every attempt is logged with its outcome.
+
+An MQTT request passes the outside-JSON gate (`agent.jsonin`: size, UTF-8, nesting) first; a `sent_at`
+more than `command_max_age_s` ahead is refused as `clock_skew`; an MQTT 5 response topic under the
+agent's own root (or empty, or with wildcards) is not used. Every request gets exactly one result: a
+fault while handling one is answered `internal` and costs that request only.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from agent import metrics
+from agent import jsonin, metrics
 from agent.config import AgentConfig, CommandBase, EquipmentConfig
 from agent.errors import CommandError, RejectedError, TransientError
 from agent.model import CommandResult, iso, json_safe, parse_iso, utcnow
@@ -29,6 +35,8 @@ from drivers.registry import get_driver
 log = structlog.get_logger("edge_agent.commands")
 
 DEDUP_WINDOW_S = 600.0
+MAX_REQUEST_BYTES = 64 * 1024  # an MQTT command request; larger ones are refused (too_large)
+MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
 COMMAND_TIMEOUT_S = 60.0
 BUSY = ("running", "paused")
 ParameterSource = Callable[[str], Awaitable[dict[str, Any]]]
@@ -87,9 +95,7 @@ class CommandRouter:
             "data": json_safe(result.data),
             "timestamp": iso(utcnow()),
         }
-        metrics.COMMANDS.labels(
-            eid, name if status != 404 else "_unknown", "ok" if result.success else reason or "failed"
-        ).inc()
+        metrics.COMMANDS.labels(*self._labels(eid, name), "ok" if result.success else reason or "failed").inc()
         log.info(
             "command",
             equipment_id=eid,
@@ -199,62 +205,70 @@ class CommandRouter:
         if len(parts) != 4 or parts[0] != "equipment" or parts[2] != "cmd":
             log.warning("command_topic_unknown", topic=msg.topic)
             return
-        eid, name = parts[1], parts[3]
-        reply_topic = f"{msg.topic}/result"
+        req = _Request(parts[1], parts[3], msg, response_topic_problem(msg.response_topic, root))
         try:
-            request = json.loads(msg.payload.decode("utf-8"))
-            if not isinstance(request, dict):
-                raise ValueError("the request is not a JSON object")
-        except (ValueError, UnicodeDecodeError) as err:
-            self._refuse(eid, name, None, f"malformed request: {err}", "malformed", reply_topic, msg)
+            await self._serve_mqtt(req)
+        except Exception as err:
+            # A bug or a failing store costs this request only: it is answered, the router goes on.
+            self._answer_internal(req, err)
+        except BaseException:
+            if req.first is not None and not req.first.done():
+                req.first.cancel()  # shutting down: a waiting duplicate stops too
+            raise
+
+    async def _serve_mqtt(self, req: _Request) -> None:
+        try:
+            request = jsonin.loads(req.msg.payload, max_bytes=MAX_REQUEST_BYTES, what="command request")
+        except jsonin.InputError as err:
+            self._refuse(req, str(err), err.reason)
+            return
+        if not isinstance(request, dict):
+            self._refuse(req, "malformed request: not a JSON object", "malformed")
             return
         request_id = request.get("request_id")
         if not isinstance(request_id, str) or not request_id:
-            self._refuse(eid, name, None, "request_id is required (a non-empty string)", "malformed", reply_topic, msg)
+            self._refuse(req, "request_id is required (a non-empty string)", "malformed")
             return
-        if msg.retain:
-            self._refuse(eid, name, request_id, "expired: a retained request is never run", "expired", reply_topic, msg)
+        req.request_id = request_id
+        if req.msg.retain:
+            self._refuse(req, "expired: a retained request is never run", "expired")
             return
-        sent_at = request.get("sent_at")
-        if sent_at is not None:
-            try:
-                age = time.time() - parse_iso(str(sent_at)).timestamp()
-            except ValueError:
-                self._refuse(eid, name, request_id, f"malformed sent_at {sent_at!r}", "malformed", reply_topic, msg)
-                return
-            if age > self.cfg.mqtt.command_max_age_s:
-                self._refuse(
-                    eid,
-                    name,
-                    request_id,
-                    f"expired: sent {age:.0f} s ago, older than command_max_age_s",
-                    "expired",
-                    reply_topic,
-                    msg,
-                )
-                return
-        if msg.expiry_s is not None and msg.expiry_s <= 0:
-            self._refuse(eid, name, request_id, "expired: message expiry passed", "expired", reply_topic, msg)
+        problem = sent_at_problem(request.get("sent_at"), self.cfg.mqtt.command_max_age_s, time.time())
+        if problem is not None:
+            self._refuse(req, *problem)
             return
-        key = f"{eid}/{name}/{request_id}"
+        if req.msg.expiry_s is not None and req.msg.expiry_s <= 0:
+            self._refuse(req, "expired: message expiry passed", "expired")
+            return
+        key = f"{req.eid}/{req.name}/{request_id}"
         self._expire_seen()
         seen = self._seen.get(key)
         if seen is not None:
             first = await asyncio.shield(seen[1])
-            log.info("command_duplicate", equipment_id=eid, command=name, request_id=request_id)
-            self._publish(eid, name, dict(first), msg)
+            log.info("command_duplicate", equipment_id=req.eid, command=req.name, request_id=request_id)
+            self._publish(req, dict(first))
             return
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._seen[key] = (time.monotonic(), fut)
-        try:
-            body, _ = await self.execute(eid, name, request.get("parameters"), source="mqtt", caller=request_id)
-        except BaseException as err:
-            fut.set_exception(err)
-            fut.exception()  # a waiting duplicate re-raises; nobody else needs it
-            raise
+        req.first = asyncio.get_running_loop().create_future()
+        self._seen[key] = (time.monotonic(), req.first)
+        body, _ = await self.execute(req.eid, req.name, request.get("parameters"), source="mqtt", caller=request_id)
         result = {"request_id": request_id, **body}
-        fut.set_result(result)
-        self._publish(eid, name, dict(result), msg)
+        req.first.set_result(result)
+        self._publish(req, dict(result))
+
+    def _answer_internal(self, req: _Request, err: Exception) -> None:
+        body = self._refusal(req, f"internal error while handling the request: {type(err).__name__}", "internal", err)
+        if req.first is not None and not req.first.done():
+            req.first.set_result(body)  # a duplicate gets this answer again rather than a second run
+        try:
+            self._publish(req, dict(body))
+        except Exception as publish_err:
+            log.error(
+                "command_result_lost",
+                equipment_id=req.eid,
+                command=req.name,
+                request_id=req.request_id,
+                error=f"{type(publish_err).__name__}: {publish_err}",
+            )
 
     def _expire_seen(self) -> None:
         cutoff = time.monotonic() - DEDUP_WINDOW_S
@@ -264,34 +278,55 @@ class CommandRouter:
                 break
             self._seen.popitem(last=False)
 
-    def _refuse(
-        self, eid: str, name: str, request_id: str | None, message: str, reason: str, topic: str, msg: Incoming
-    ) -> None:
-        log.info(
+    def _refuse(self, req: _Request, message: str, reason: str) -> None:
+        self._publish(req, self._refusal(req, message, reason))
+
+    def _refusal(self, req: _Request, message: str, reason: str, err: Exception | None = None) -> dict[str, Any]:
+        """Log a request that did not run (with the traceback when `err` is a fault) and build its result."""
+        (log.error if err is not None else log.info)(
             "command",
-            equipment_id=eid,
-            command=name,
+            equipment_id=req.eid,
+            command=req.name,
             source="mqtt",
-            caller=request_id,
+            caller=req.request_id,
             success=False,
             reason=reason,
             message=message,
+            exc_info=err,
         )
-        metrics.COMMANDS.labels(eid, name, reason).inc()
-        body = {
-            "request_id": request_id,
+        metrics.COMMANDS.labels(*self._labels(req.eid, req.name), reason).inc()
+        return {
+            "request_id": req.request_id,
             "success": False,
             "message": message,
             "data": {"reason": reason},
             "timestamp": iso(utcnow()),
         }
-        self._publish(eid, name, body, msg)
 
-    def _publish(self, eid: str, name: str, body: dict[str, Any], msg: Incoming) -> None:
-        topic = f"{self.cfg.root_topic}/equipment/{eid}/cmd/{name}/result"
-        self.store.append(
-            "result", topic, body, 1, False, response_topic=msg.response_topic, correlation=msg.correlation
-        )
+    def _labels(self, eid: str, name: str) -> tuple[str, str]:
+        """Metric labels: names from outside that match nothing configured share one label, so that
+        requests on made-up topics cannot grow the metrics without bound."""
+        eq = self._equipment(eid)
+        if eq is None:
+            return "_unknown", "_unknown"
+        return eid, name if eq.command(name) is not None else "_unknown"
+
+    def _publish(self, req: _Request, body: dict[str, Any]) -> None:
+        topic = f"{self.cfg.root_topic}/equipment/{req.eid}/cmd/{req.name}/result"
+        reply_to = req.msg.response_topic
+        if req.reply_problem is not None:
+            reply_to = None
+            if not req.reply_logged:
+                req.reply_logged = True
+                log.warning(
+                    "command_response_topic_refused",
+                    equipment_id=req.eid,
+                    command=req.name,
+                    request_id=req.request_id,
+                    response_topic=req.msg.response_topic,
+                    why=req.reply_problem,
+                )
+        self.store.append("result", topic, body, 1, False, response_topic=reply_to, correlation=req.msg.correlation)
 
     async def close(self) -> None:
         """Wait for running commands to finish (bounded), then cancel the rest."""
@@ -300,6 +335,70 @@ class CommandRouter:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+@dataclass(slots=True)
+class _Request:
+    """One MQTT request being answered: where its result goes, and what is known of it so far."""
+
+    eid: str
+    name: str
+    msg: Incoming
+    reply_problem: str | None  # why its MQTT 5 response topic is not used, or None
+    request_id: str | None = None
+    first: asyncio.Future[dict[str, Any]] | None = None  # its result, for duplicates that arrive meanwhile
+    reply_logged: bool = False
+
+
+def response_topic_problem(topic: str | None, root: str) -> str | None:
+    """Why an MQTT 5 response topic may not carry a result, or None when it may (or there is none).
+
+    The agent's own topics are refused: a requester could otherwise make the agent publish over its
+    retained status, its birth or another equipment's results.
+    """
+    if topic is None:
+        return None
+    if not topic:
+        return "empty"
+    if "+" in topic or "#" in topic:
+        return "contains a wildcard"
+    if "\0" in topic:
+        return "contains a NUL character"
+    if topic == root or topic.startswith(root + "/"):
+        return "under the agent's own topic root"
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "not UTF-8"
+    if size > MAX_TOPIC_BYTES:
+        return f"longer than {MAX_TOPIC_BYTES} bytes"
+    return None
+
+
+def sent_at_problem(sent_at: Any, max_age_s: float, now: float) -> tuple[str, str] | None:
+    """(message, reason) when a request's `sent_at` refuses it at wall-clock time `now`, else None.
+
+    Too old is `expired`; more than `max_age_s` in the future is `clock_skew` (otherwise a request
+    from a requester whose clock is ahead would never age out); absent (or null) is allowed.
+    """
+    if sent_at is None:
+        return None
+    try:
+        at = parse_iso(sent_at).timestamp() if isinstance(sent_at, str) else None
+    except ValueError:
+        at = None
+    if at is None:
+        return f"malformed sent_at {_loggable(sent_at, 80)}: not an ISO 8601 timestamp", "malformed"
+    age = now - at
+    if age > max_age_s:
+        return f"expired: sent {age:.0f} s ago, older than command_max_age_s ({max_age_s:g} s)", "expired"
+    if -age > max_age_s:
+        return (
+            f"clock_skew: sent_at is {-age:.0f} s in the future, more than command_max_age_s ({max_age_s:g} s);"
+            " check the requester's clock",
+            "clock_skew",
+        )
+    return None
 
 
 def _validate_load_process(cmd: CommandBase, params: dict[str, Any]) -> dict[str, Any]:
@@ -312,7 +411,7 @@ def _validate_load_process(cmd: CommandBase, params: dict[str, Any]) -> dict[str
     return {"process_id": str(pid)}
 
 
-def _loggable(params: Any) -> Any:
-    """Parameters for the audit log, bounded in size."""
+def _loggable(params: Any, limit: int = 500) -> str:
+    """Parameters for the audit log (or a value for a message), bounded in size."""
     text = json.dumps(json_safe(params), default=str) if params is not None else "{}"
-    return text if len(text) <= 500 else text[:500] + "..."
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -225,10 +225,14 @@ def encode_registers(tag: ModbusTag, value: Any) -> list[int]:
     if not isinstance(value, (int, float)):
         raise ValueError(f"value {value!r} is not a number")
     scaled = tag.scale is not None or tag.offset is not None
-    raw: int | float = tag.unscaled(value) if scaled else value
     fmt, nregs = NUMERIC[dtype]
+    try:
+        raw: int | float = tag.unscaled(value) if scaled else value
+        if dtype.startswith("float"):
+            raw = float(raw)
+    except OverflowError:  # an integer beyond any float (JSON carries thousands of digits)
+        raise ValueError(f"value {value} is out of range for {dtype}") from None
     if dtype.startswith("float"):
-        raw = float(raw)
         if dtype == "float32" and math.isfinite(raw) and abs(raw) > 3.4028234663852886e38:
             raise ValueError(f"value {value} is out of range for float32")
     else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -130,3 +132,95 @@ def test_commands_over_mqtt(tmp_path: Path, broker: Broker) -> None:
     finally:
         daemon.kill()
         rec.close()
+
+
+# ---- issue 17: hostile requests are answered, never crash or go silent -----------------------------------
+
+
+@contextmanager
+def idle_press(tmp_path: Path, broker: Broker) -> Iterator[tuple[Daemon, Recorder, Path]]:
+    """A daemon with press-1 idle and a recorder on the agent's topics and `replies/#`."""
+    script = tmp_path / "press.jsonl"
+    cfg = write_config(tmp_path, broker.port, scripted_equipment("press-1", script))
+    rec = Recorder(broker.port, [f"{R}/#", "replies/#"])
+    daemon = Daemon(cfg).start()
+    try:
+        script_line(script, tag="state", value=0)
+        rec.wait_for(lambda ms: [m for m in ms if m.topic.endswith("press-1/status") and m.json["status"] == "idle"])
+        yield daemon, rec, script
+        text = daemon.log_path.read_text(errors="replace")
+        assert "never retrieved" not in text and "RecursionError" not in text
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        rec.close()
+
+
+def reply_props(topic: str, correlation: bytes) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = topic
+    props.CorrelationData = correlation
+    return props
+
+
+def test_deeply_nested_parameters_are_refused_and_the_next_command_runs(tmp_path: Path, broker: Broker) -> None:
+    with idle_press(tmp_path, broker) as (_, rec, script):
+        cmd = f"{R}/equipment/press-1/cmd/set_speed"
+        deep = b'{"request_id": "deep", "parameters": ' + b'{"a":' * 10_000 + b"1" + b"}" * 10_000 + b"}"
+        rec.publish(cmd, deep, properties=reply_props("replies/deep", b"corr-deep"))
+        # Refused at the gate, before the request_id could be read: the correlation data identifies it.
+        reply = rec.wait_for(lambda ms: [m for m in ms if m.topic == "replies/deep"], "reply to the deep request")[0]
+        assert reply.properties.CorrelationData == b"corr-deep"
+        assert reply.json["success"] is False and reply.json["data"]["reason"] == "too_deep", reply.json
+        assert "64" in reply.json["message"]
+        same = rec.wait_for(lambda ms: [m for m in ms if m.topic == f"{cmd}/result"], "result")[0]
+        assert same.json["seq"] == reply.json["seq"] and same.json["request_id"] is None
+        rid = str(uuid.uuid4())
+        rec.publish(cmd, {"request_id": rid, "parameters": {"value": 7}})
+        assert result_for(rec, rid)[0]["success"] is True
+        assert commands_run(script) == [{"command": "set_speed", "params": {"value": 7}}]
+
+
+def test_sent_at_far_in_the_future_is_refused_as_clock_skew(tmp_path: Path, broker: Broker) -> None:
+    with idle_press(tmp_path, broker) as (_, rec, script):
+        cmd = f"{R}/equipment/press-1/cmd/set_speed"
+        rec.publish(cmd, {"request_id": "future", "parameters": {"value": 1}, "sent_at": "2999-01-01T00:00:00Z"})
+        res = result_for(rec, "future")[0]
+        assert res["success"] is False and res["data"]["reason"] == "clock_skew", res
+        assert "command_max_age_s" in res["message"]
+        rec.publish(cmd, {"request_id": "badtime", "parameters": {"value": 1}, "sent_at": "yesterday"})
+        res = result_for(rec, "badtime")[0]
+        assert res["success"] is False and res["data"]["reason"] == "malformed" and "yesterday" in res["message"]
+        # a little ahead (within command_max_age_s) is ordinary clock jitter: it runs
+        soon = (datetime.now(UTC) + timedelta(seconds=5)).isoformat()
+        rec.publish(cmd, {"request_id": "soon", "parameters": {"value": 2}, "sent_at": soon})
+        assert result_for(rec, "soon")[0]["success"] is True
+        assert commands_run(script) == [{"command": "set_speed", "params": {"value": 2}}]
+
+
+def test_a_response_topic_under_the_agent_root_is_not_used(tmp_path: Path, broker: Broker) -> None:
+    with idle_press(tmp_path, broker) as (daemon, rec, _):
+        status_topic = f"{R}/equipment/press-1/status"
+        before = [m.json for m in rec.select(status_topic)]
+        cmd = f"{R}/equipment/press-1/cmd/set_speed"
+        rec.publish(
+            cmd, {"request_id": "hijack", "parameters": {"value": 3}}, properties=reply_props(status_topic, b"c")
+        )
+        res = result_for(rec, "hijack")[0]
+        assert res["success"] is True
+        refusals = daemon.wait_log("command_response_topic_refused", request_id="hijack")
+        assert len(refusals) == 1 and refusals[0]["response_topic"] == status_topic
+        # the next command's result comes after anything the first could have sent: nothing went to status
+        rid = str(uuid.uuid4())
+        rec.publish(cmd, {"request_id": rid, "parameters": {"value": 4}})
+        result_for(rec, rid)
+        assert [m.json for m in rec.select(status_topic)] == before
+        assert all("request_id" not in m for m in before)
+        # the retained status a new subscriber gets is still the status object
+        fresh = Recorder(broker.port, [status_topic], clean=True)
+        try:
+            retained = fresh.wait_for(lambda ms: ms, "retained status")[0]
+            assert retained.retain and retained.json["status"] == "idle" and "request_id" not in retained.json
+        finally:
+            fresh.close()
+        assert len([e for e in daemon.logs() if e.get("event") == "command_response_topic_refused"]) == 1
