@@ -1,19 +1,26 @@
 """Configuration: TOML parsed by tomllib, validated by pydantic models, errors located by line.
 
 The generic parts of `[[equipment]]` live here; each driver module registers its own models for
-`connection`, `tags` and `commands`, and the equipment list is validated as a union discriminated on
-`driver`, built from the registry at load time.
+`connection`, `tags` and `commands`. Each equipment is validated by the model its `driver` names (built
+from the registry at load time), each on its own, so that every problem of a file is reported at once.
 """
 
 from __future__ import annotations
 
+import decimal
+import difflib
+import functools
 import importlib
 import ipaddress
 import os
 import re
 import tomllib
+import types
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -30,6 +37,7 @@ from pydantic import (
 from agent.errors import ConfigError
 from agent.model import STATUSES
 from agent.tomlpos import KeyLocator, format_path
+from agent.tomlpos import Path as ConfigPath
 
 DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
 ID_PATTERN = r"^[A-Za-z0-9_-]+$"
@@ -37,6 +45,7 @@ ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 ROUTER_KINDS = frozenset({"load_process"})
 Role = Literal["viewer", "operator", "admin"]
 Ident = Annotated[str, Field(pattern=ID_PATTERN, min_length=1, max_length=128)]
+M = TypeVar("M", bound=BaseModel)
 
 
 class Model(BaseModel):
@@ -196,8 +205,21 @@ class MpmSection(SecretHolder):
 
     @model_validator(mode="after")
     def _auth_fields(self) -> MpmSection:
-        if self.auth == "oauth2" and not (self.token_url and self.client_id):
-            raise ValueError("auth = oauth2 needs token_url and client_id")
+        """A mode without its credentials would send nothing and fail at the first call: refuse it here."""
+        needs = {
+            "api_key": [("api_key_file or api_key_env", self.api_key_file or self.api_key_env)],
+            "bearer": [("token_file or token_env", self.token_file or self.token_env)],
+            "oauth2": [
+                ("token_url", self.token_url),
+                ("client_id", self.client_id),
+                ("client_secret_file or client_secret_env", self.client_secret_file or self.client_secret_env),
+            ],
+        }.get(self.auth, [])
+        missing = [what for what, given in needs if not given]
+        if missing:
+            raise ValueError(
+                f"auth = {self.auth!r} needs {' and '.join(missing)} (auth = 'none' for an MPM without credentials)"
+            )
         return self
 
 
@@ -266,14 +288,36 @@ class TagBase(Model):
     name: Ident
     unit: str | None = None
     deadband: float = Field(0.0, ge=0)
-    scale: float | None = None
-    offset: float | None = None
+    scale: float | None = Field(None, allow_inf_nan=False)
+    offset: float | None = Field(None, allow_inf_nan=False)
+
+    @field_validator("scale")
+    @classmethod
+    def _nonzero(cls, v: float | None) -> float | None:
+        if v == 0:
+            raise ValueError("must not be 0 (a write would divide by it)")
+        return v
 
     def scaled(self, raw: Any) -> Any:
-        """raw * scale + offset when either is set; numbers otherwise kept exact."""
+        """raw * scale + offset when either is set, without binary noise; numbers otherwise kept exact.
+
+        An integer raw value (a register, a counter) is exact, so the result is computed in decimal from
+        the scale and offset as written: 825 with scale 0.001 is 0.825, never 0.8250000000000001.
+        A float raw value (a float32 or float64 from the device) has its own precision, so it is not rounded
+        to the config's decimals; only the noise of the multiply and add is dropped by keeping 15
+        significant digits. A double holds 15.95 digits and the arithmetic disturbs the last one or two,
+        while a float32 reading carries about 7, so no digit the device sent is lost.
+        """
         if (self.scale is None and self.offset is None) or isinstance(raw, (bool, str)) or raw is None:
             return raw
-        return raw * (1.0 if self.scale is None else self.scale) + (self.offset or 0.0)
+        scale = 1.0 if self.scale is None else self.scale
+        offset = self.offset or 0.0
+        if isinstance(raw, int):
+            exact = _DECIMAL.add(_DECIMAL.multiply(Decimal(raw), _written(scale)), _written(offset))
+            return float(exact)
+        if isinstance(raw, float):
+            return float(f"{raw * scale + offset:.15g}")
+        return raw * scale + offset
 
     def unscaled(self, value: float) -> float:
         """Inverse of `scaled`, for writes."""
@@ -281,6 +325,17 @@ class TagBase(Model):
             return value
         scale = 1.0 if self.scale is None else self.scale
         return (value - (self.offset or 0.0)) / scale
+
+
+# Enough digits for any 64-bit raw value times a scale as written, so integer scaling is exact before the
+# one rounding to float; a context of our own, so nothing else's decimal settings can change it.
+_DECIMAL = decimal.Context(prec=40)
+
+
+@functools.lru_cache(maxsize=4096)
+def _written(x: float) -> Decimal:
+    """The decimal a config float was written as: repr is the shortest text that reads back as it."""
+    return Decimal(repr(x))
 
 
 class CommandBase(Model):
@@ -378,7 +433,7 @@ class EquipmentBase(Model):
     status: StatusConfig | None = None
     parameters: dict[str, str] = Field(default_factory=dict)
     alerts: list[AlertConfig] = Field(default_factory=list)
-    # Overridden per driver by the models built in `equipment_model`.
+    # Overridden per driver by the models built in `equipment_variant`.
     connection: Any = None
     tags: list[Any] = Field(default_factory=list)
     commands: list[Any] = Field(default_factory=list)
@@ -433,35 +488,25 @@ def config_path(arg: str | None) -> Path:
     return Path(arg or os.environ.get("EDGE_AGENT_CONFIG") or DEFAULT_CONFIG)
 
 
-_model_cache: dict[tuple[str, ...], type[BaseModel]] = {}
+_variants: dict[type, type[EquipmentBase]] = {}
 
 
-def equipment_model(driver_names: tuple[str, ...]) -> type[BaseModel]:
-    """The root model whose equipment list is a union discriminated on `driver`."""
+def equipment_variant(driver: str) -> type[EquipmentBase]:
+    """The `[[equipment]]` model of one driver: the generic fields with the driver's own models."""
     from drivers.registry import get_driver
 
-    if driver_names in _model_cache:
-        return _model_cache[driver_names]
-    variants = []
-    for name in driver_names:
-        cls = get_driver(name)
-        variants.append(
-            create_model(
-                f"Equipment[{name}]",
-                __base__=EquipmentBase,
-                driver=(Literal[name], ...),  # type: ignore[arg-type]
-                connection=(cls.connection_model, ...),
-                tags=(list[cls.tag_model], Field(default_factory=list)),  # type: ignore[name-defined]
-                commands=(list[cls.command_model], Field(default_factory=list)),  # type: ignore[name-defined]
-            )
+    cls = get_driver(driver)
+    model = _variants.get(cls)
+    if model is None:
+        model = create_model(
+            f"Equipment[{driver}]",
+            __base__=EquipmentBase,
+            driver=(Literal[driver], ...),  # type: ignore[arg-type]
+            connection=(cls.connection_model, ...),
+            tags=(list[cls.tag_model], Field(default_factory=list)),  # type: ignore[name-defined]
+            commands=(list[cls.command_model], Field(default_factory=list)),  # type: ignore[name-defined]
         )
-    if variants:
-        union: Any = Annotated[Union[tuple(variants)], Field(discriminator="driver")]  # noqa: UP007
-        item: Any = union
-    else:
-        item = EquipmentBase
-    model = create_model("AgentConfigFor", __base__=AgentConfig, equipment=(list[item], Field(default_factory=list)))
-    _model_cache[driver_names] = model
+        _variants[cls] = model
     return model
 
 
@@ -473,138 +518,278 @@ def _import_driver_modules(modules: list[str], problems: list[Problem]) -> None:
             problems.append(Problem(("agent", "driver_modules", i), f"cannot import driver module {mod!r}: {err}"))
 
 
-def _pydantic_problems(err: ValidationError, data: dict[str, Any]) -> list[Problem]:
-    problems = []
-    for e in err.errors(include_input=False, include_url=False):
-        loc = list(e["loc"])
-        msg = e["msg"]
-        # Drop the discriminator tag pydantic inserts after the list index.
-        if len(loc) >= 3 and loc[0] == "equipment" and isinstance(loc[1], int) and isinstance(loc[2], str):
-            eq = data.get("equipment", [])
-            if isinstance(eq, list) and loc[1] < len(eq) and isinstance(eq[loc[1]], dict):
-                if eq[loc[1]].get("driver") == loc[2]:
-                    loc.pop(2)
-        if e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
-            loc.append("driver")
-            from drivers.registry import known_drivers
+def _unwrap(annotation: Any) -> Any:
+    """`Annotated[X, ...]` and `X | None` -> X."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in get_args(annotation) if a is not type(None)]
+            if len(members) != 1:
+                return annotation
+            annotation = members[0]
+        else:
+            return annotation
 
-            got = None
-            eq = data.get("equipment", [])
-            if isinstance(loc[1], int) and isinstance(eq, list) and loc[1] < len(eq) and isinstance(eq[loc[1]], dict):
-                got = eq[loc[1]].get("driver")
-            msg = (
-                f"unknown driver {got!r} (known: {', '.join(known_drivers())})" if got is not None else "field required"
+
+def _model_at(model: type[BaseModel], loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model class that validates the value at `loc` below `model`, or None when it is not a model."""
+    annotation: Any = model
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(part, int) and get_origin(annotation) is list:
+            annotation = get_args(annotation)[0]
+        elif isinstance(part, str) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif isinstance(part, str) and get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return None
+    annotation = _unwrap(annotation)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _did_you_mean(word: str, names: Iterable[str]) -> str:
+    """The suffix "; did you mean 'port'?" for a near miss among `names`, else ""."""
+    close = difflib.get_close_matches(word, list(names), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _validate(model: type[M], value: Any, where: ConfigPath, problems: list[Problem]) -> M | None:
+    """`value` validated by `model`, or None with every problem (each located below `where`) appended."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as err:
+        for e in err.errors(include_input=False, include_url=False, include_context=False):
+            loc = tuple(p for p in e["loc"] if p != "__root__")
+            if e["type"] == "missing":
+                msg = "field required"
+            elif e["type"] == "extra_forbidden":
+                parent = _model_at(model, loc[:-1])
+                msg = "unknown key" + (_did_you_mean(str(loc[-1]), parent.model_fields) if parent else "")
+            elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+                msg = "must be a table"  # pydantic's words name a Python class
+            else:
+                msg = e["msg"].removeprefix("Value error, ")
+            # Model-level checks (one of two keys missing) carry no field: the table's path locates them.
+            problems.append(Problem((*where, *loc), msg))
+        return None
+
+
+def _walk_models(obj: BaseModel, where: ConfigPath) -> Iterator[tuple[BaseModel, ConfigPath]]:
+    """`obj` and every model below it, each with its path."""
+    yield obj, where
+    for name in type(obj).model_fields:
+        value = getattr(obj, name)
+        if isinstance(value, BaseModel):
+            yield from _walk_models(value, (*where, name))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    yield from _walk_models(item, (*where, name, i))
+
+
+def _resolve_paths(obj: BaseModel, base: Path) -> None:
+    """Make every relative path below `obj` absolute against the config file's folder."""
+    for model, _ in _walk_models(obj, ()):
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, Path) and not value.is_absolute():
+                setattr(model, name, base / value)
+
+
+def _resolve_secrets(obj: BaseModel, where: ConfigPath, base: Path, problems: list[Problem]) -> None:
+    """Read the secrets of every secret holder below `obj`."""
+    for model, path in _walk_models(obj, where):
+        if isinstance(model, SecretHolder):
+            model.resolve_secrets(base, path, problems)
+
+
+def _equipment_checks(eq: EquipmentBase) -> list[tuple[ConfigPath, str]]:
+    """Cross-field checks of one validated equipment: (path below it, message) pairs."""
+    from drivers.registry import get_driver
+
+    driver = get_driver(eq.driver)
+    out: list[tuple[ConfigPath, str]] = []
+    tag_names: dict[str, int] = {}
+    for j, tag in enumerate(eq.tags):
+        if tag.name in tag_names:
+            out.append((("tags", j, "name"), f"duplicate tag name {tag.name!r}"))
+        tag_names.setdefault(tag.name, j)
+    if eq.status is not None:
+        for field, ref in eq.status.tag_refs().items():
+            if ref not in tag_names and not driver.has_builtin_tag(ref):
+                out.append((("status", field), f"unknown tag {ref!r}" + _did_you_mean(ref, tag_names)))
+    for j, alert in enumerate(eq.alerts):
+        if alert.tag not in tag_names and not driver.has_builtin_tag(alert.tag):
+            out.append((("alerts", j, "tag"), f"unknown tag {alert.tag!r}" + _did_you_mean(alert.tag, tag_names)))
+    cmd_names: set[str] = set()
+    for j, cmd in enumerate(eq.commands):
+        if cmd.name in cmd_names:
+            out.append((("commands", j, "name"), f"duplicate command name {cmd.name!r}"))
+        cmd_names.add(cmd.name)
+        if cmd.kind not in driver.command_kinds and cmd.kind not in ROUTER_KINDS:
+            out.append(
+                (
+                    ("commands", j, "kind"),
+                    f"kind {cmd.kind!r} is not supported by driver {eq.driver!r} "
+                    f"(supported: {', '.join(sorted(driver.command_kinds | ROUTER_KINDS))})",
+                )
             )
-        elif e["type"] == "missing":
-            msg = "field required"
-        elif e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        # Model-level checks (missing one of two keys) carry no field; keep the table's path.
-        problems.append(Problem(tuple(p for p in loc if p != "__root__"), msg))
-    return problems
+        if cmd.tag is not None and cmd.tag not in tag_names:
+            out.append((("commands", j, "tag"), f"unknown tag {cmd.tag!r}" + _did_you_mean(cmd.tag, tag_names)))
+    for param, cmd_name in eq.parameters.items():
+        cmd = eq.command(cmd_name)
+        if cmd is None:
+            out.append((("parameters", param), f"unknown command {cmd_name!r}"))
+        elif cmd.kind != "write":
+            out.append((("parameters", param), f"command {cmd_name!r} is not a write command"))
+    out.extend(driver.check_equipment(eq))
+    return out
 
 
-def _semantic_problems(cfg: AgentConfig) -> list[Problem]:
-    problems: list[Problem] = []
-    seen: dict[str, int] = {}
-    for i, eq in enumerate(cfg.equipment):
-        where: tuple[str | int, ...] = ("equipment", i)
-        if eq.id in seen:
+def _equipment(
+    item: Any, where: ConfigPath, base: Path, problems: list[Problem], *, resolve_secrets: bool
+) -> EquipmentBase | None:
+    """One `[[equipment]]` table validated and checked, or None when it has problems of its own fields.
+
+    Without a usable driver only the generic fields are validated, so their problems are still reported.
+    """
+    from drivers.registry import known_drivers
+
+    driver = item.get("driver") if isinstance(item, dict) else None
+    model: type[EquipmentBase] = EquipmentBase
+    usable = False
+    if isinstance(driver, str):
+        if driver not in known_drivers():
             problems.append(
-                Problem((*where, "id"), f"duplicate equipment id {eq.id!r} (also equipment[{seen[eq.id]}])")
+                Problem(
+                    (*where, "driver"),
+                    f"unknown driver {driver!r} (known: {', '.join(known_drivers())})"
+                    + _did_you_mean(driver, known_drivers()),
+                )
             )
         else:
-            seen[eq.id] = i
-        tag_names: dict[str, int] = {}
-        for j, tag in enumerate(eq.tags):
-            if tag.name in tag_names:
-                problems.append(Problem((*where, "tags", j, "name"), f"duplicate tag name {tag.name!r}"))
-            tag_names.setdefault(tag.name, j)
-        from drivers.registry import get_driver
-
-        driver = get_driver(eq.driver)
-        if eq.status is not None:
-            for field, ref in eq.status.tag_refs().items():
-                if ref not in tag_names and not driver.has_builtin_tag(ref):
-                    problems.append(Problem((*where, "status", field), f"unknown tag {ref!r}"))
-        for j, alert in enumerate(eq.alerts):
-            if alert.tag not in tag_names and not driver.has_builtin_tag(alert.tag):
-                problems.append(Problem((*where, "alerts", j, "tag"), f"unknown tag {alert.tag!r}"))
-        cmd_names: set[str] = set()
-        for j, cmd in enumerate(eq.commands):
-            if cmd.name in cmd_names:
-                problems.append(Problem((*where, "commands", j, "name"), f"duplicate command name {cmd.name!r}"))
-            cmd_names.add(cmd.name)
-            if cmd.kind not in driver.command_kinds and cmd.kind not in ROUTER_KINDS:
-                problems.append(
-                    Problem(
-                        (*where, "commands", j, "kind"),
-                        f"kind {cmd.kind!r} is not supported by driver {eq.driver!r} "
-                        f"(supported: {', '.join(sorted(driver.command_kinds | ROUTER_KINDS))})",
-                    )
-                )
-            if cmd.tag is not None and cmd.tag not in tag_names:
-                problems.append(Problem((*where, "commands", j, "tag"), f"unknown tag {cmd.tag!r}"))
-        for j, (param, cmd_name) in enumerate(eq.parameters.items()):
-            del j
-            cmd = eq.command(cmd_name)
-            if cmd is None:
-                problems.append(Problem((*where, "parameters", param), f"unknown command {cmd_name!r}"))
-            elif cmd.kind != "write":
-                problems.append(Problem((*where, "parameters", param), f"command {cmd_name!r} is not a write command"))
-        for msg in driver.check_equipment(eq):
-            problems.append(Problem((*where, *msg[0]), msg[1]))
-    return problems
+            try:
+                model = equipment_variant(driver)
+                usable = True
+            except Exception as err:  # a driver module that fails on import is this equipment's problem
+                problems.append(Problem((*where, "driver"), f"driver {driver!r} failed to load: {err}"))
+    eq = _validate(model, item, where, problems)
+    if eq is None or not usable:
+        return None
+    _resolve_paths(eq, base)
+    problems.extend(Problem((*where, *sub), msg) for sub, msg in _equipment_checks(eq))
+    if resolve_secrets:
+        _resolve_secrets(eq, where, base, problems)
+    return eq
 
 
-def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
-    """Make every relative path in the config absolute against the config file's folder."""
-
-    def fix(obj: BaseModel) -> None:
-        for name in type(obj).model_fields:
-            value = getattr(obj, name)
-            if isinstance(value, Path) and not value.is_absolute():
-                setattr(obj, name, (base / value))
-            elif isinstance(value, BaseModel):
-                fix(value)
-            elif isinstance(value, list):
-                for item in value:
-                    if isinstance(item, BaseModel):
-                        fix(item)
-
-    fix(cfg)
+def _valid_id(value: Any) -> str | None:
+    if isinstance(value, str) and len(value) <= 128 and re.fullmatch(ID_PATTERN, value):
+        return value
+    return None
 
 
-def _format(problems: list[Problem], text: str) -> list[str]:
+def _equipment_list(
+    raw: Any, base: Path, problems: list[Problem], *, resolve_secrets: bool
+) -> tuple[list[EquipmentBase], dict[ConfigPath, str]]:
+    """Every `[[equipment]]` validated on its own, so one equipment's problems never hide another's.
+
+    Also returns the labels for problem paths: an equipment is named by its id when that id is valid,
+    unique and not a number (which would read as an index), else by its index.
+    """
+    if not isinstance(raw, list):
+        problems.append(Problem(("equipment",), "must be an array of tables ([[equipment]])"))
+        return [], {}
+    ids = [_valid_id(item.get("id")) if isinstance(item, dict) else None for item in raw]
+    counts = Counter(i for i in ids if i)
+    labels: dict[ConfigPath, str] = {
+        ("equipment", i): eid for i, eid in enumerate(ids) if eid and counts[eid] == 1 and not eid.isdigit()
+    }
+    first: dict[str, int] = {}
+    for i, eid in enumerate(ids):
+        if eid is not None and eid in first:
+            problems.append(
+                Problem(("equipment", i, "id"), f"duplicate equipment id {eid!r} (also equipment[{first[eid]}])")
+            )
+        elif eid is not None:
+            first[eid] = i
+    equipment = []
+    for i, item in enumerate(raw):
+        eq = _equipment(item, ("equipment", i), base, problems, resolve_secrets=resolve_secrets)
+        if eq is not None:
+            equipment.append(eq)
+    return equipment, labels
+
+
+def _format(problems: list[Problem], text: str | None, labels: dict[ConfigPath, str]) -> list[str]:
+    """The contract's lines, in the order of the file.
+
+    A problem is located at its key, else at the nearest enclosing table, else at line 1 (an empty file,
+    a missing top-level table). Without a TOML text (the Python API) there are no lines.
+    """
+    if text is None:
+        return [f"{format_path(p.path, labels) or 'agent.toml'}: {_one_line(p.message)}" for p in problems]
     # Keys are located only when there is something to report: a valid file never pays for it.
     locator = KeyLocator(text)
-    out = []
+    located = []
     for p in problems:
-        line = locator.line_of(p.path)
-        suffix = f" (line {line})" if line else ""
-        where = format_path(p.path) or "agent.toml"
-        out.append(f"{where}: {p.message}{suffix}")
-    return out
+        line = locator.line_of(p.path) or 1
+        located.append((line, f"{format_path(p.path, labels) or 'agent.toml'}: {_one_line(p.message)} (line {line})"))
+    located.sort(key=lambda item: item[0])
+    return [msg for _, msg in located]
+
+
+def _one_line(text: str) -> str:
+    """Control characters and line separators escaped: one problem is always one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _syntax_error(err: Exception, text: str) -> str:
+    """A TOML syntax error as "message (line N, column M)"."""
+    if isinstance(err, RecursionError):
+        # tomllib recurses per nested array or inline table; point at the first deep run of openers.
+        m = re.search(r"(?:[\[{]\s*){64}", text)
+        pos = m.start() if m else 0
+        line = text.count("\n", 0, pos) + 1
+        column = pos - text.rfind("\n", 0, pos)
+        return f"values nested too deeply (line {line}, column {column})"
+    # tomllib says "... (at line N, column M)" or "... (at end of document)".
+    msg = str(err)
+    if m := re.search(r"\s*\(at line (\d+), column (\d+)\)$", msg):
+        return f"{msg[: m.start()]} (line {m.group(1)}, column {m.group(2)})"
+    if m := re.search(r"\s*\(at end of document\)$", msg):
+        lines = text.split("\n")
+        return f"{msg[: m.start()]} (line {len(lines)}, column {len(lines[-1]) + 1})"
+    return f"{msg} (line 1, column 1)"
 
 
 def parse_config(text: str, path: Path, *, resolve_secrets: bool = True) -> AgentConfig:
     """Validate a config text; raise ConfigError with the contract's lines on any problem."""
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        # tomllib says "... (at line N, column M)"; the contract's form is "(line N, column M)".
-        msg = re.sub(r"\s*\(at line (\d+), column (\d+)\)$", r" (line \1, column \2)", str(err))
-        if msg == str(err) and (m := re.search(r"\(at end of document\)$", msg)):
-            lines = text.count("\n") + 1
-            msg = msg[: m.start()].rstrip() + f" (line {lines}, column 1)"
-        raise ConfigError([f"{path.name}: {msg}"]) from err
+    except (tomllib.TOMLDecodeError, RecursionError) as err:
+        raise ConfigError([f"{path.name}: {_one_line(_syntax_error(err, text))}"]) from None
     return validate_data(data, path, text, resolve_secrets=resolve_secrets)
 
 
-def validate_data(data: dict[str, Any], path: Path, text: str = "", *, resolve_secrets: bool = True) -> AgentConfig:
-    """Validate an already parsed config; `path` anchors relative paths, `text` (the TOML) gives line numbers."""
+def validate_data(
+    data: dict[str, Any], path: Path, text: str | None = None, *, resolve_secrets: bool = True
+) -> AgentConfig:
+    """Validate an already parsed config and report every problem at once.
+
+    `path` anchors relative paths; `text` (the TOML) gives line numbers. Each top-level table and each
+    equipment is validated on its own, and the cross-field checks run for every equipment whose own fields
+    are valid, so no problem hides another.
+    """
     problems: list[Problem] = []
     agent = data.get("agent")
     modules: list[str] = []
@@ -613,66 +798,47 @@ def validate_data(data: dict[str, Any], path: Path, text: str = "", *, resolve_s
     env_modules = [m.strip() for m in os.environ.get("EDGE_AGENT_DRIVER_MODULES", "").split(",") if m.strip()]
     _import_driver_modules(modules + env_modules, problems)
 
-    from drivers.registry import get_driver, known_drivers
-
-    names: list[str] = []
-    eq_list = data.get("equipment", [])
-    keep: list[int] = []  # equipment indexes whose driver is usable; the others are reported here
-    if isinstance(eq_list, list):
-        for i, item in enumerate(eq_list):
-            d = item.get("driver") if isinstance(item, dict) else None
-            if not isinstance(item, dict) or d is None:
-                keep.append(i)  # pydantic reports the missing or mistyped driver
-                continue
-            if not isinstance(d, str) or d not in known_drivers():
-                problems.append(
-                    Problem(("equipment", i, "driver"), f"unknown driver {d!r} (known: {', '.join(known_drivers())})")
-                )
-                continue
-            try:
-                get_driver(d)
-            except Exception as err:
-                problems.append(Problem(("equipment", i, "driver"), f"driver {d!r} failed to load: {err}"))
-                continue
-            keep.append(i)
-            if d not in names:
-                names.append(d)
-        data = {**data, "equipment": [eq_list[i] for i in keep]}
-    model = equipment_model(tuple(sorted(names)))
-    try:
-        cfg = model.model_validate(data)
-    except ValidationError as err:
-        for p in _pydantic_problems(err, data):
-            if len(p.path) >= 2 and p.path[0] == "equipment" and isinstance(p.path[1], int) and p.path[1] < len(keep):
-                p.path = ("equipment", keep[p.path[1]], *p.path[2:])
-            problems.append(p)
-        raise ConfigError(_format(problems, text)) from None
-    if problems:
-        raise ConfigError(_format(problems, text))
-    assert isinstance(cfg, AgentConfig)
-    cfg._path = path
     base = path.resolve().parent
-    _resolve_paths(cfg, base)
-    problems.extend(_semantic_problems(cfg))
-    if resolve_secrets:
-        cfg.mqtt.resolve_secrets(base, ("mqtt",), problems)
-        if cfg.mpm is not None:
-            cfg.mpm.resolve_secrets(base, ("mpm",), problems)
-        for i, key in enumerate(cfg.http.api_keys):
-            key.resolve_secrets(base, ("http", "api_keys", i), problems)
-        for i, eq in enumerate(cfg.equipment):
-            if isinstance(eq.connection, SecretHolder):
-                eq.connection.resolve_secrets(base, ("equipment", i, "connection"), problems)
+    fields = AgentConfig.model_fields
+    for key in data:
+        if key not in fields:
+            problems.append(Problem((key,), "unknown key" + _did_you_mean(key, fields)))
+    sections: dict[str, Any] = {}
+    for name, field in fields.items():
+        if name == "equipment":
+            continue
+        if name not in data:
+            if field.is_required():
+                problems.append(Problem((name,), "field required"))
+            continue
+        model = _model_at(AgentConfig, (name,))
+        assert model is not None, name
+        section = _validate(model, data[name], (name,), problems)
+        if section is not None:
+            _resolve_paths(section, base)
+            if resolve_secrets:
+                _resolve_secrets(section, (name,), base, problems)
+            sections[name] = section
+    equipment, labels = _equipment_list(data.get("equipment", []), base, problems, resolve_secrets=resolve_secrets)
     if problems:
-        raise ConfigError(_format(problems, text))
+        raise ConfigError(_format(problems, text, labels))
+    # Validated models are taken as they are (pydantic does not revalidate instances): no second pass.
+    cfg = AgentConfig.model_validate({**sections, "equipment": equipment})
+    cfg._path = path
     return cfg
 
 
 def load_config(path: Path) -> AgentConfig:
     """Read and validate a config file."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise ConfigError([f"{path}: cannot read: {reason}"]) from err
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read: {err.strerror or err}"]) from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        start = raw.rfind(b"\n", 0, err.start) + 1
+        column = len(raw[start : err.start].decode("utf-8", errors="replace")) + 1
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError([f"{path.name}: not UTF-8 text (line {line}, column {column})"]) from None
     return parse_config(text, path)

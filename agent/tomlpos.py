@@ -8,22 +8,35 @@ line where that key, or else its nearest enclosing table header, stands.
 from __future__ import annotations
 
 import re
+import tomllib
+from collections.abc import Mapping
 
 Path = tuple[str | int, ...]
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*(\]\]?)\s*(#.*)?$")
-_KEY = re.compile(r"""^\s*((?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)(?:\s*\.\s*(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+))*)\s*=""")
-_PART = re.compile(r"""\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*(?:\.|$)""")
+_ONE = r"""(?:"(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)"""
+_KEY = re.compile(rf"""^\s*({_ONE}(?:\s*\.\s*{_ONE})*)\s*=""")
+_PART = re.compile(rf"""\s*({_ONE})\s*(?:\.|$)""")
 
 
 def _split_key(text: str) -> list[str]:
     parts = []
     for m in _PART.finditer(text):
         p = m.group(1)
-        if p[0] in "\"'":
+        if p[0] == "'":
             p = p[1:-1]
+        elif p[0] == '"':
+            p = _basic_string(p)
         parts.append(p)
     return parts
+
+
+def _basic_string(quoted: str) -> str:
+    """A quoted key with its escapes decoded, by tomllib itself; as written when it is not valid TOML."""
+    try:
+        return next(iter(tomllib.loads(f"{quoted} = 0")))
+    except (tomllib.TOMLDecodeError, StopIteration):
+        return quoted[1:-1]
 
 
 def _strip_strings(line: str) -> str:
@@ -61,7 +74,9 @@ class KeyLocator:
         table: Path = ()
         depth = 0  # open brackets or braces of a multi-line value
         in_multiline = ""
-        for lineno, raw in enumerate(text.splitlines(), start=1):
+        # Lines as TOML counts them: only "\n" ends one (str.splitlines would also split on characters
+        # such as U+2028 that TOML allows inside strings and comments, and shift every later line).
+        for lineno, raw in enumerate(text.split("\n"), start=1):
             if in_multiline:
                 if raw.count(in_multiline) % 2 == 1:
                     in_multiline = ""
@@ -78,6 +93,7 @@ class KeyLocator:
                     idx = counters.get(base, -1) + 1
                     counters[base] = idx
                     table = (*base, idx)
+                    self.lines.setdefault(base, lineno)  # the array itself stands at its first element
                 else:
                     table = self._resolve(names, counters)
                 self.lines.setdefault(table, lineno)
@@ -86,7 +102,9 @@ class KeyLocator:
             if not key:
                 continue
             path = (*table, *_split_key(key.group(1)))
-            self.lines.setdefault(path, lineno)
+            # A dotted key (`a.b = 1`) also defines its parent tables here.
+            for end in range(len(table) + 1, len(path) + 1):
+                self.lines.setdefault(path[:end], lineno)
             rest = raw[key.end() :]
             for q in ('"""', "'''"):
                 if q in rest and rest.count(q) % 2 == 1:
@@ -115,12 +133,27 @@ class KeyLocator:
         return None
 
 
-def format_path(path: Path) -> str:
-    """("equipment", 2, "connection") -> "equipment[2].connection"."""
+def format_path(path: Path, labels: Mapping[Path, str] | None = None) -> str:
+    """("equipment", 2, "connection") -> "equipment[2].connection", or "equipment[plc-2].connection" when
+    `labels` maps ("equipment", 2) to "plc-2". A key that is not a bare TOML key is quoted as TOML quotes it."""
     out = ""
-    for part in path:
+    for i, part in enumerate(path):
         if isinstance(part, int):
-            out += f"[{part}]"
+            label = labels.get(path[: i + 1]) if labels else None
+            out += f"[{part if label is None else label}]"
         else:
-            out += ("." if out else "") + part
+            out += ("." if out else "") + (part if _BARE.fullmatch(part) else quote_key(part))
     return out
+
+
+def quote_key(key: str) -> str:
+    """A key as a TOML basic string, control characters escaped, so it prints on one line."""
+    return '"' + _ESCAPE.sub(lambda m: _escape(m.group()), key) + '"'
+
+
+def _escape(char: str) -> str:
+    return {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(char, f"\\u{ord(char):04X}")
+
+
+_BARE = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f-\x9f\u2028\u2029]')

@@ -85,7 +85,7 @@ BAD = [
     (
         "unknown driver",
         ('driver = "scripted"', 'driver = "profibus"'),
-        "equipment[0].driver: unknown driver 'profibus'",
+        "equipment[press-1].driver: unknown driver 'profibus'",
         "profibus",
     ),
     (
@@ -114,13 +114,13 @@ BAD = [
     (
         "alert on unknown tag",
         ('tag = "temp"\nabove', 'tag = "tmep"\nabove'),
-        "equipment[0].alerts[0].tag: unknown tag 'tmep'",
+        "equipment[press-1].alerts[0].tag: unknown tag 'tmep'",
         "tmep",
     ),
     (
         "command on unknown tag",
         ('tag = "temp"\nmin', 'tag = "speed"\nmin'),
-        "equipment[0].commands[0].tag: unknown tag 'speed'",
+        "equipment[press-1].commands[0].tag: unknown tag 'speed'",
         '"speed"',
     ),
     (
@@ -135,17 +135,17 @@ BAD = [
         "mqtt.password_env: environment variable EDGE_AGENT_TEST_UNSET_VAR is not set",
         "UNSET_VAR",
     ),
-    ("bad map status", ('"1" = "running"', '"1" = "sprinting"'), "equipment[0].status.map: ", "sprinting"),
+    ("bad map status", ('"1" = "running"', '"1" = "sprinting"'), "equipment[press-1].status.map: ", "sprinting"),
     (
         "min above max",
         ("min = 0\nmax = 10", "min = 10\nmax = 0"),
-        "equipment[0].commands[0]: min is greater than max",
+        "equipment[press-1].commands[0]: min is greater than max",
         "[[equipment.commands]]",
     ),
     (
         "unknown command kind",
         ('kind = "write"', 'kind = "explode"'),
-        "equipment[0].commands[0].kind: kind 'explode' is not supported",
+        "equipment[press-1].commands[0].kind: kind 'explode' is not supported",
         "explode",
     ),
 ]

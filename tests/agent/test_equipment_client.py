@@ -94,7 +94,7 @@ async def test_connect_failure_and_bad_config(tmp_path: Path) -> None:
     bad["commands"][0]["tag"] = "missing"
     with pytest.raises(ConfigError) as info:
         EquipmentClient("cnc_mill", "mill-3", bad)
-    assert "equipment[0].commands[0].tag: unknown tag 'missing'" in str(info.value)
+    assert "equipment[mill-3].commands[0].tag: unknown tag 'missing'" in str(info.value)
 
 
 async def test_link_lost_then_back(tmp_path: Path) -> None:

@@ -716,7 +716,7 @@ def test_read_only_targets_are_refused(tmp_path: Path, tag: str, text: str) -> N
     cmds = [{"name": "bad", "kind": "write", "tag": tag}]
     with pytest.raises(ConfigError) as err:
         make_equipment(tmp_path, tcp(502), WRITE_TAGS, cmds)
-    assert any(line.startswith("equipment[0].commands[0].tag: ") and text in line for line in err.value.problems)
+    assert any(line.startswith("equipment[plc-1].commands[0].tag: ") and text in line for line in err.value.problems)
     # ... and the driver refuses the command even if one got through.
     eq = make_equipment(tmp_path, tcp(502), WRITE_TAGS)
     cmd = ModbusDriver.command_model(name="bad", kind="write", tag=tag)
@@ -746,7 +746,7 @@ def test_read_only_targets_are_refused(tmp_path: Path, tag: str, text: str) -> N
 def test_tag_cross_field_checks(tmp_path: Path, tag: dict[str, Any], text: str) -> None:
     with pytest.raises(ConfigError) as err:
         make_equipment(tmp_path, tcp(502), [tag])
-    assert any(line.startswith("equipment[0].tags[0]") and text in line for line in err.value.problems), err.value
+    assert any(line.startswith("equipment[plc-1].tags[0]") and text in line for line in err.value.problems), err.value
 
 
 def test_connection_checks_and_defaults(tmp_path: Path) -> None:

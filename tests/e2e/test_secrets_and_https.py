@@ -165,7 +165,8 @@ def test_mpm_over_https_verified(tmp_path: Path, broker: Broker) -> None:
             folder = tmp_path / name
             folder.mkdir()
             script = folder / "s.jsonl"
-            body = f'[mpm]\nbase_url = "{mpm.base_url}"\nca_file = "{ca_file}"\n' + scripted_equipment("m1", script)
+            mpm_section = f'[mpm]\nbase_url = "{mpm.base_url}"\nca_file = "{ca_file}"\nauth = "none"\n'
+            body = mpm_section + scripted_equipment("m1", script)
             cfg = write_config(folder, broker.port, body)
             daemon = Daemon(cfg).start()
             try:
