@@ -279,12 +279,13 @@ class Monitor:
         st.last_value_at = now
         last = st.reported.get(tag)
         if last is None or last[1] != r.quality or _changed(r.value, last[0], st.deadband.get(tag, 0.0)):
-            st.reported[tag] = (r.value, r.quality)
             if self._telemetry:
                 ts = r.ts
                 if ts is not self._last_ts:
                     self._last_ts = ts
                     self._last_iso = self._iso(ts)
+                # Encoded before anything is recorded as reported: a value that cannot be encoded leaves
+                # the state as it was (the caller turns it into a bad-quality reading).
                 st.pending.append(
                     f'{{"tag":{_tag_json(tag)},"value":{encode_value(r.value)},"unit":{st.units.get(tag, "null")},'
                     f'"ts":"{self._last_iso}","quality":"{r.quality}"}}'
@@ -294,6 +295,7 @@ class Monitor:
                         self._schedule_flush(self._loop)
                 elif self._turned:
                     self._batch_spread = True
+            st.reported[tag] = (r.value, r.quality)
         if tag in st.roles:
             if "tag" in st.roles[tag]:
                 st.status_value_at = now

@@ -333,6 +333,7 @@ async def drive_equipment(
     backoff = Backoff(ctx.reconnect_max_s)
     dlog = log.bind(equipment_id=eq.id, driver=eq.driver)
     transitions = Transitions(dlog, "driver")
+    poison = _Rejects(eq.id, monitor, dlog)
     if connected is None:
         monitor.on_connection(eq.id, ConnectionState(False, "connecting"))
     try:
@@ -358,16 +359,21 @@ async def drive_equipment(
                             # asyncio.wait_for in 3.11 can swallow a cancel that races a result (gh-86296);
                             # a driver awaiting it would then poll on after being told to stop.
                             raise asyncio.CancelledError
-                        if type(ev) is Reading:
-                            monitor.on_reading(eq.id, ev)
-                        elif isinstance(ev, QualityResult):
-                            await monitor.on_quality(eq.id, ev)
-                        else:
-                            if isinstance(ev, ConnectionState):
-                                state["connected"] = ev.connected
-                                state["error"] = ev.error
-                                metrics.DRIVER_CONNECTED.labels(eq.id).set(int(ev.connected))
-                            monitor.on_event(eq.id, ev)
+                        try:
+                            if type(ev) is Reading:
+                                monitor.on_reading(eq.id, ev)
+                            elif isinstance(ev, QualityResult):
+                                await monitor.on_quality(eq.id, ev)
+                            else:
+                                if isinstance(ev, ConnectionState):
+                                    state["connected"] = ev.connected
+                                    state["error"] = ev.error
+                                    metrics.DRIVER_CONNECTED.labels(eq.id).set(int(ev.connected))
+                                monitor.on_event(eq.id, ev)
+                        except Exception as err:
+                            # One value the pipeline cannot take (a value too deep or too large to encode)
+                            # costs that value only: a reconnect would read it again, for ever.
+                            poison.reject(ev, err)
                     error = "the driver's event stream ended"
             except asyncio.CancelledError:
                 raise
@@ -396,6 +402,27 @@ async def drive_equipment(
             await asyncio.sleep(delay)
     finally:
         live.pop(eq.id, None)
+
+
+class _Rejects:
+    """Events the pipeline could not take: counted, logged once per tag and error, a value turned bad."""
+
+    def __init__(self, eid: str, monitor: Monitor, dlog: Any) -> None:
+        self.eid = eid
+        self.monitor = monitor
+        self.log = dlog
+        self.seen: set[tuple[str, str]] = set()
+
+    def reject(self, ev: object, err: Exception) -> None:
+        metrics.DRIVER_ERRORS.labels(self.eid, "rejected_input").inc()
+        tag = ev.tag if isinstance(ev, Reading) else type(ev).__name__
+        key = (tag, type(err).__name__)
+        if key not in self.seen and len(self.seen) < 1000:
+            self.seen.add(key)
+            self.log.error("input_rejected", tag=tag, error_type=type(err).__name__, error=str(err)[:300])
+        if isinstance(ev, Reading) and ev.quality != "bad":
+            with contextlib.suppress(Exception):
+                self.monitor.on_reading(self.eid, Reading(ev.tag, None, ev.ts, "bad"))
 
 
 def release_memory() -> None:

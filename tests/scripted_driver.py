@@ -7,7 +7,8 @@ event:
 - `{"op": "status", "status": s, ...}`: a status fact;
 - `{"op": "quality", "result": {...}, "key": k}`: a quality result;
 - `{"op": "burst", "tags": n, "rounds": m}`: n x m readings as fast as possible;
-- `{"op": "status_burst", "count": n}`: n status changes.
+- `{"op": "status_burst", "count": n}`: n status changes;
+- `{"op": "deep", "tag": t, "depth": n}`: a reading whose value is a list nested n deep (poison input).
 While the file `connection.down_file` exists, connecting fails. Commands are appended to
 `<script>.commands.jsonl`. The read offset is kept in the state folder, so a restarted daemon goes
 on where the previous one stopped.
@@ -103,6 +104,11 @@ class ScriptedDriver(Driver):
                 elif op == "burst":
                     async for event in self._burst(int(item["tags"]), int(item["rounds"])):
                         yield event
+                elif op == "deep":
+                    value: Any = []
+                    for _ in range(int(item["depth"])):
+                        value = [value]
+                    yield Reading(item["tag"], value, utcnow())
                 elif op == "status_burst":
                     for i in range(int(item["count"])):
                         yield StatusFact(status="running", progress=float(i % 2), current_operation=f"op-{i}")

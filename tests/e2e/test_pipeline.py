@@ -206,3 +206,31 @@ def test_alert_clear_after_restart_repeats_the_id(tmp_path: Path, broker: Broker
     finally:
         daemon.kill()
         rec.close()
+
+
+def test_a_poison_value_costs_only_itself(tmp_path: Path, broker: Broker) -> None:
+    script = tmp_path / "press.jsonl"
+    cfg = write_config(tmp_path, broker.port, scripted_equipment("press-1", script))
+    rec = Recorder(broker.port, [f"{R}/#"])
+    daemon = Daemon(cfg).start()
+    try:
+        script_line(script, tag="temp", value=20.0)
+        for _ in range(3):
+            script_line(script, op="deep", tag="temp", depth=100_000)  # too deep for any encoder
+        script_line(script, tag="temp", value=30.0)
+        values = rec.wait_for(
+            lambda ms: (
+                v := [x for m in ms if m.topic.endswith("/telemetry") for x in m.json["values"] if x["tag"] == "temp"]
+            )
+            and v[-1]["value"] == 30.0
+            and v,
+            "the value after the poison",
+        )
+        assert [(x["value"], x["quality"]) for x in values] == [(20.0, "good"), (None, "bad"), (30.0, "good")]
+        logs = daemon.logs()
+        assert len([e for e in logs if e.get("event") == "input_rejected"]) == 1
+        assert not [e for e in logs if e.get("event") in ("driver_down", "driver_failed")]
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        rec.close()
