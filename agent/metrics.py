@@ -105,3 +105,9 @@ OUTBOX_REJECTED = Counter("edge_agent_outbox_rejected_total", "Outbox items dead
 OUTBOX_DUPLICATES = Counter(
     "edge_agent_outbox_duplicates_total", "Submissions whose key was already pending or delivered", registry=REGISTRY
 )
+MPM_CREDENTIALS_REFUSED = Counter(
+    "edge_agent_mpm_credentials_refused_total",
+    "MPM answers refusing the configured credentials (the outbox pauses)",
+    ["status"],
+    registry=REGISTRY,
+)

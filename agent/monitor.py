@@ -359,7 +359,7 @@ class Monitor:
         key = (ts.year, ts.month, ts.day, ts.hour, ts.minute, ts.second)
         if key != self._sec_key:
             self._sec_key = key
-            self._sec_prefix = ts.strftime("%Y-%m-%dT%H:%M:%S.")
+            self._sec_prefix = f"{ts.year:04d}" + ts.strftime("-%m-%dT%H:%M:%S.")
         return f"{self._sec_prefix}{ts.microsecond // 1000:03d}Z"
 
     def on_connection(self, eid: str, ev: ConnectionState) -> None:
@@ -367,12 +367,16 @@ class Monitor:
         st = self.equipment.get(eid)
         if st is None:
             return
+        if st.unsettled:
+            self._settle_now(st)  # what came before the link changed is its own moment
         st.connected = ev.connected
         st.connection_error = None if ev.connected else ev.error
         if ev.connected:
             st.status_value_at = None
             st.fact = None
-        self._defer(st)
+            self._defer(st)  # with the first read, if it comes in the same delivery: one status
+        else:
+            self._update_status(st)
 
     def on_fact(self, eid: str, fact: StatusFact) -> None:
         """Status that the driver knows directly."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import time
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ import aiohttp
 import structlog
 
 from agent.errors import RejectedError, TransientError
+from agent.jsonin import InputError, loads
 from agent.metrics import MPM_CALLS, MPM_LATENCY
 from agent.model import iso, json_bytes, json_safe, parse_iso, utcnow
 from agent.reconnect import jittered
@@ -30,7 +30,11 @@ log = structlog.get_logger("edge_agent.mpm")
 
 # The contract's transient answers; every other 4xx is final.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-AuthMode = Literal["api_key", "bearer", "oauth2"]
+# Answers that refuse the agent's credentials: a configuration fault, never a verdict on one item.
+AUTH_STATUSES = frozenset({401, 403})
+AuthMode = Literal["none", "api_key", "bearer", "oauth2"]
+# The largest MPM answer read as JSON; a bigger one is refused by agent.jsonin like any outside JSON.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
 
 class MPMStatus(StrEnum):
@@ -42,6 +46,19 @@ class MPMStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class CredentialsRefused(RejectedError):
+    """MPM (or its token endpoint) answered 401 or 403: the configured credentials are refused.
+
+    A RejectedError for callers that only know final answers; the outbox pauses on it instead of
+    dead-lettering, since every item would be refused the same way until the key is fixed.
+    """
+
+    @property
+    def reason(self) -> str:
+        """The short reason health reports, e.g. `credentials refused (401)`."""
+        return f"credentials refused ({self.status_code})"
 
 
 class MPMTransientError(TransientError):
@@ -167,6 +184,27 @@ def _network_error(err: BaseException) -> str:
     return type(err).__name__
 
 
+def _answer(text: str, what: str) -> Any:
+    """An error answer's JSON through the outside-JSON gate, or None when it is unreadable (its text still
+    gives the reason)."""
+    if not text:
+        return None
+    try:
+        return loads(text, max_bytes=MAX_ANSWER_BYTES, what=what)
+    except InputError:
+        return None
+
+
+def _object(call: str, process_id: str | None, body: Any) -> dict[str, Any]:
+    """A 2xx answer that must be a JSON object; a refused or misshapen one is a clear TransientError."""
+    where = f"MPM {call}" + (f" {process_id!r}" if process_id is not None else "")
+    if isinstance(body, InputError):
+        raise TransientError(f"{where}: {body}") from body
+    if not isinstance(body, dict):
+        raise TransientError(f"{where}: answer is not a JSON object")
+    return body
+
+
 def _reason(body: Any, text: str) -> str:
     """A short human reason from an error answer: its message field, else the start of its text."""
     if isinstance(body, dict):
@@ -206,8 +244,8 @@ class MPMClient:
         max_retry_after_s: float = 60.0,
         connection_limit: int = 32,
     ) -> None:
-        if auth not in ("api_key", "bearer", "oauth2"):
-            raise ValueError(f"unknown MPM auth mode {auth!r} (api_key, bearer or oauth2)")
+        if auth not in ("none", "api_key", "bearer", "oauth2"):
+            raise ValueError(f"unknown MPM auth mode {auth!r} (none, api_key, bearer or oauth2)")
         if auth == "oauth2" and not (token_url and client_id):
             raise ValueError("MPM auth oauth2 needs token_url and client_id")
         if auth == "bearer" and not bearer_token:
@@ -304,6 +342,8 @@ class MPMClient:
     # ---- auth ---------------------------------------------------------------------------------
 
     async def _auth_headers(self) -> dict[str, str]:
+        if self.auth == "none":
+            return {}
         if self.auth == "api_key":
             return {"X-API-Key": self.api_key} if self.api_key else {}
         if self.auth == "bearer":
@@ -338,18 +378,18 @@ class MPMClient:
         except (aiohttp.ClientError, TimeoutError) as err:
             MPM_CALLS.labels(call="oauth_token", outcome="network").inc()
             raise MPMTransientError(f"MPM token endpoint unreachable: {type(err).__name__}") from err
-        body: Any = None
-        try:
-            body = json.loads(text) if text else None
-        except ValueError:
-            body = None
+        body = _answer(text, "MPM token endpoint answer")
         if status in RETRY_STATUSES or status >= 500:
             MPM_CALLS.labels(call="oauth_token", outcome="transient").inc()
             raise MPMTransientError(f"MPM token endpoint answered {status}", status, retry_after)
-        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
-            MPM_CALLS.labels(call="oauth_token", outcome="rejected").inc()
-            reason = self._redact(_reason(body, text)) if status != 200 else "answer has no access_token"
-            raise RejectedError(f"MPM token endpoint refused the client credentials ({status}): {reason}", status)
+        if status != 200:
+            # Whatever the token endpoint refuses is the configuration's fault, never one item's.
+            MPM_CALLS.labels(call="oauth_token", outcome="credentials_refused").inc()
+            reason = self._redact(_reason(body, text))
+            raise CredentialsRefused(f"MPM token endpoint refused the client credentials ({status}): {reason}", status)
+        if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+            MPM_CALLS.labels(call="oauth_token", outcome="malformed").inc()
+            raise MPMTransientError("MPM token endpoint answer has no access_token", status)
         MPM_CALLS.labels(call="oauth_token", outcome="ok").inc()
         self._token = body["access_token"]
         try:
@@ -414,15 +454,15 @@ class MPMClient:
                     await asyncio.sleep(self._retry_delay(attempt - 1, None))
                 continue
             MPM_LATENCY.labels(call=call).observe(time.monotonic() - started)
-            parsed: Any = None
-            if text:
-                try:
-                    parsed = json.loads(text)
-                except ValueError:
-                    parsed = None
             if 200 <= status < 300:
                 MPM_CALLS.labels(call=call, outcome="ok").inc()
-                return status, parsed
+                try:
+                    return status, loads(text, max_bytes=MAX_ANSWER_BYTES, what=f"MPM {call} answer") if text else None
+                except InputError as err:
+                    # The call was accepted; its answer is unusable. Callers that need it say so.
+                    log.warning("mpm_answer_refused", call=call, reason=err.reason, error=str(err))
+                    return status, err
+            parsed = _answer(text, f"MPM {call} answer")
             if status == 401 and self.auth == "oauth2" and not refreshed:
                 # The token may have been revoked or expired early: refresh once, not counted as a retry.
                 MPM_CALLS.labels(call=call, outcome="unauthorized").inc()
@@ -439,6 +479,10 @@ class MPMClient:
                         break  # too long to wait inside one call; the caller (the outbox) schedules it
                     await asyncio.sleep(self._retry_delay(attempt - 1, retry_after))
                 continue
+            if status in AUTH_STATUSES:
+                MPM_CALLS.labels(call=call, outcome="credentials_refused").inc()
+                message = f"MPM {call} {method} {path} refused the credentials ({status}): {reason}"
+                raise CredentialsRefused(message, status)
             MPM_CALLS.labels(call=call, outcome="rejected").inc()
             if status == 404 and call in ("get_process_data", "get_process_parameters"):
                 raise ValueError(f"MPM has no process at {path} (404)")
@@ -463,9 +507,7 @@ class MPMClient:
     async def get_process_data(self, process_id: str) -> MPMProcessData:
         """GET /processes/{id}; an unknown process is a ValueError."""
         _, body = await self._request("get_process_data", "GET", f"/processes/{self._pid(process_id)}")
-        if not isinstance(body, dict):
-            raise TransientError(f"MPM get_process_data {process_id!r}: answer is not a JSON object")
-        return MPMProcessData.from_dict(body)
+        return MPMProcessData.from_dict(_object("get_process_data", process_id, body))
 
     async def list_processes(
         self, build_id: str | None = None, status: str | MPMStatus | None = None, limit: int = 100, offset: int = 0
@@ -476,8 +518,9 @@ class MPMClient:
             params["build_id"] = build_id
         if status is not None:
             params["status"] = MPMStatus(status).value
-        _, body = await self._request("list_processes", "GET", "/processes", params=params)
-        if not isinstance(body, dict) or not isinstance(body.get("processes"), list):
+        _, answer = await self._request("list_processes", "GET", "/processes", params=params)
+        body = _object("list_processes", None, answer)
+        if not isinstance(body.get("processes"), list):
             raise TransientError("MPM list_processes: answer has no processes list")
         items = [MPMProcessData.from_dict(p) for p in body["processes"]]
         return MPMProcessList(items, int(body.get("total", len(items))))
@@ -523,9 +566,7 @@ class MPMClient:
     async def get_process_parameters(self, process_id: str) -> dict[str, Any]:
         """GET /processes/{id}/parameters; an unknown process is a ValueError."""
         _, body = await self._request("get_process_parameters", "GET", f"/processes/{self._pid(process_id)}/parameters")
-        if not isinstance(body, dict):
-            raise TransientError(f"MPM get_process_parameters {process_id!r}: answer is not a JSON object")
-        return body
+        return _object("get_process_parameters", process_id, body)
 
     async def health_check(self) -> bool:
         """GET /health, one attempt: True when MPM answers 200 {status: "ok"}; never raises for a failure."""
@@ -546,5 +587,3 @@ class MPMClient:
             elif self._healthy is not None:
                 log.warning("mpm_down", base_url=self.base_url, error=error)
             self._healthy = ok
-
-

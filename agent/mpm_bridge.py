@@ -47,6 +47,7 @@ class MpmBridge:
             self.client,
             backoff_max_s=cfg.agent.reconnect_max_s,
             on_outcome=self._outcome,
+            max_body_bytes=cfg.mpm.max_body_bytes,
         )
         self.sync = ProcessSync(self.outbox)
         self.sup.outbox = self.outbox
@@ -74,10 +75,27 @@ class MpmBridge:
             self.client = None
 
     async def reload(self, old: AgentConfig, new: AgentConfig) -> None:
-        """A changed `[mpm]` section restarts the client and outbox; the outbox file keeps its backlog."""
-        if _mpm(old) != _mpm(new):
+        """SIGHUP: new credentials or URL get a new client for the same outbox (nothing it holds is dropped);
+        adding or removing `[mpm]` starts or stops it; either way delivery is retried at once."""
+        if _mpm(old) == _mpm(new):
+            if self.outbox is not None:
+                self.outbox.retry_now()  # the key may have been fixed on MPM's side
+            return
+        if old.mpm is None or new.mpm is None or self.outbox is None:
             await self.stop()
             await self.start()
+            return
+        client, previous = MPMClient.from_config(new.mpm), self.client
+        self.client = client
+        self.outbox.max_body_bytes = new.mpm.max_body_bytes
+        await self.outbox.set_client(client)
+        if previous is not None:
+            await previous.close()
+        log.info("mpm_reconfigured", base_url=new.mpm.base_url, auth=new.mpm.auth, pending=self.outbox.depth())
+
+    def health(self) -> dict[str, Any] | None:
+        """The outbox's health (see `Outbox.health`), None without `[mpm]`."""
+        return None if self.outbox is None else self.outbox.health()
 
     # -- hooks
 

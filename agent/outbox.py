@@ -4,11 +4,16 @@ Every quality result and process status update is committed here before it is at
 its Idempotency-Key and stored body bytes until MPM answers. A process's items go out one after the
 other (its lane); lanes are independent, so one process stuck behind failures never holds up another.
 A transient failure backs the lane off (capped, with jitter, honouring Retry-After) and is retried
-without end; a final 4xx turns the item into a dead letter. Delivered items stay as a ledger of keys
-(their body dropped) so a repeated key is recognised as a duplicate and never sent again.
+without end; a final 4xx turns the item into a dead letter. Refused credentials (401/403) are no
+verdict on an item: the whole outbox pauses, keeps every item and probes again on a capped backoff
+(at once after `retry_now`, a reload). Delivered items stay as a ledger of keys (their body dropped)
+so a repeated key is recognised as a duplicate and never sent again.
 
-Nothing of the backlog lives in memory: the dispatcher reads a few ready lanes at a time from the
-`lanes` table (one row per process with pending items) and each lane task reads its head item.
+The backlog lives in the database: the dispatcher reads a few ready lanes at a time from the `lanes`
+table (one row per process with pending items) and each lane task reads its head item. The one
+exception is a disk that cannot take a write (full, I/O error, read-only): status updates and state
+are then held in memory, in order, and committed as soon as the file takes writes again; a quality
+result is refused instead (its source keeps it and offers it again).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +33,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
-from agent.errors import RejectedError, TransientError
-from agent.metrics import OUTBOX_DELIVERED, OUTBOX_DEPTH, OUTBOX_REJECTED
+from agent.errors import DataError, RejectedError, TransientError
+from agent.metrics import MPM_CREDENTIALS_REFUSED, OUTBOX_DELIVERED, OUTBOX_DEPTH, OUTBOX_REJECTED
 from agent.model import iso, json_bytes, utcnow
+from agent.mpm import CredentialsRefused
 from agent.reconnect import jittered
-from agent.sqlite_file import open_durable
+from agent.sqlite_file import is_storage_fault, open_durable, transaction
 
 if TYPE_CHECKING:
     from agent.mpm import MPMClient
@@ -68,6 +75,11 @@ CREATE TABLE IF NOT EXISTS lanes (
 CREATE INDEX IF NOT EXISTS lanes_due ON lanes(next_attempt_at, position);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+# An item to insert: (kind, process_id, equipment_id, idempotency_key, body).
+Row = tuple[str, str, str | None, str, bytes]
+# What one enqueue commits together: items in order, and optionally one key-value pair.
+Batch = tuple[Sequence[Row], tuple[str, str] | None]
 
 _COLUMNS = "id, kind, process_id, equipment_id, idempotency_key, body, status_code, reason, created_at, attempts"
 
@@ -147,6 +159,8 @@ class Outbox:
         backoff_base_s: float = 0.5,
         on_outcome: OutcomeCallback | None = None,
         concurrency: int = 8,
+        max_body_bytes: int | None = None,
+        max_held: int = 100_000,
     ) -> None:
         self.path = Path(path)
         self.client = client
@@ -154,6 +168,8 @@ class Outbox:
         self.backoff_base_s = min(backoff_base_s, backoff_max_s)
         self.on_outcome = on_outcome
         self.concurrency = max(1, concurrency)
+        self.max_body_bytes = max_body_bytes
+        self.max_held = max_held
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         self._depth = 0
@@ -169,7 +185,18 @@ class Outbox:
         self._global_failures = 0
         self._probe_after = 0.0
         self._down = False
-        self._db_error = False
+        self._down_since: float | None = None
+        self._last_error: str | None = None
+        # Refused credentials pause every lane (see _credentials_refused); counted for the metrics.
+        self._refused: CredentialsRefused | None = None
+        self.credentials_refused_count = 0
+        # Batches that the disk could not take, oldest first, and the write error that put them here.
+        self._held: deque[Batch] = deque()
+        self._held_items = 0
+        self._flush_attempts = 0
+        self._flush_after = 0.0
+        self._write_error: sqlite3.Error | None = None
+        self._lanes_reset_pending = False
         self._open()
 
     # ---- the database -------------------------------------------------------------------------
@@ -180,14 +207,32 @@ class Outbox:
         log.info("outbox_opened", path=str(self.path), pending=self._depth)
 
     def _prepare(self, db: sqlite3.Connection) -> None:
-        # A restart retries at once; lanes of pending items that lost their row get one back.
-        db.execute("UPDATE lanes SET next_attempt_at = 0")
-        db.execute(
-            "INSERT OR IGNORE INTO lanes(process_id, next_attempt_at, attempts, position) "
-            "SELECT process_id, 0, 0, MIN(id) FROM items WHERE state = 'pending' GROUP BY process_id"
-        )
+        try:
+            self._reset_lanes(db)
+        except sqlite3.Error as err:
+            if not is_storage_fault(err):
+                raise
+            # A full disk at start: open anyway (reads work) and reset the lanes once writes do.
+            self._write_failed(err, kind="open")
+            self._lanes_reset_pending = True
         self._depth = db.execute("SELECT COUNT(*) FROM items WHERE state = 'pending'").fetchone()[0]
         self._position = db.execute("SELECT COALESCE(MAX(position), 0) FROM lanes").fetchone()[0]
+
+    def _reset_lanes(self, db: sqlite3.Connection) -> None:
+        """A restart retries at once (backoffs were on the old process's clock); lanes of pending items that
+        lost their row get one back."""
+        with transaction(db):
+            db.execute("UPDATE lanes SET next_attempt_at = 0")
+            db.execute(
+                "INSERT OR IGNORE INTO lanes(process_id, next_attempt_at, attempts, position) "
+                "SELECT process_id, 0, 0, MIN(id) FROM items WHERE state = 'pending' GROUP BY process_id"
+            )
+        self._lanes_reset_pending = False
+
+    @property
+    def _writes_pending(self) -> bool:
+        """Writes the disk refused earlier that must succeed before any new one (order)."""
+        return bool(self._held) or self._lanes_reset_pending
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -198,13 +243,16 @@ class Outbox:
         """Close the database (no draining; `stop` first when running)."""
         with self._lock:
             if self._db is not None:
+                if self._writes_pending and self._flush_held() is not None:
+                    log.error("outbox_held_lost", items=self._held_items, batches=len(self._held))
                 with contextlib.suppress(sqlite3.Error):
                     self._db.close()
                 self._db = None
 
     def _depth_changed(self) -> None:
-        OUTBOX_DEPTH.set(self._depth)
-        self._call_in_loop(self._idle.set if self._depth == 0 else self._idle.clear)
+        depth = self.depth()
+        OUTBOX_DEPTH.set(depth)
+        self._call_in_loop(self._idle.set if depth == 0 else self._idle.clear)
 
     # ---- enqueueing ---------------------------------------------------------------------------
 
@@ -229,38 +277,108 @@ class Outbox:
         )
         return True
 
-    def _enqueue(
-        self, items: Sequence[tuple[str, str, str | None, str, bytes]], state: tuple[str, str] | None
-    ) -> list[bool]:
+    def _write(self, batch: Batch) -> list[bool]:
+        """Commit one batch in one transaction; the depth follows."""
+        items, state = batch
+        with self._lock, transaction(self.db) as db:
+            added = [self._insert(*item) for item in items]
+            if state is not None:
+                db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", state)
+        self._depth += sum(added)
+        return added
+
+    def _enqueue(self, items: Sequence[Row], state: tuple[str, str] | None, *, hold: bool) -> list[bool]:
+        """Commit items (and state); with `hold`, a disk that cannot take them keeps them in memory, in order."""
         for kind, pid, _eid, key, _body in items:
             if not pid:
                 raise ValueError(f"outbox {kind} without a process_id")
             if not key:
                 raise ValueError(f"outbox {kind} for process {pid!r} without an idempotency key")
+        batch: Batch = (list(items), state)
         with self._lock:
-            db = self.db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                added = [self._insert(*item) for item in items]
-                if state is not None:
-                    db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", state)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            new = sum(added)
-            self._depth += new
+            # Held batches go first: nothing may overtake them in its process's lane.
+            err = self._flush_held() if self._writes_pending else None
+            if err is None:
+                try:
+                    added = self._write(batch)
+                except sqlite3.Error as write_err:
+                    err = write_err
+                else:
+                    self._write_ok()
+            if err is not None:
+                self._write_failed(err, kind=items[0][0] if items else "state")
+                if not hold or not is_storage_fault(err) or self._held_items + len(items) > self.max_held:
+                    raise err
+                self._held.append(batch)
+                self._held_items += len(items)
+                # A held update is new as far as anyone can tell now; a duplicate is skipped when committed.
+                added = [True] * len(items)
         self._depth_changed()
-        if new:
+        if any(added):
             self._notify()
         return added
+
+    def _flush_held(self) -> sqlite3.Error | None:
+        """Commit held batches in order; the error that stopped it, or None when all are committed."""
+        with self._lock:
+            if self._lanes_reset_pending:
+                try:
+                    self._reset_lanes(self.db)
+                except sqlite3.Error as err:
+                    return err
+            while self._held:
+                try:
+                    self._write(self._held[0])
+                except sqlite3.Error as err:
+                    return err
+                items, _ = self._held.popleft()
+                self._held_items -= len(items)
+            self._flush_attempts = 0
+            self._write_ok()
+        self._depth_changed()
+        self._notify()
+        return None
+
+    def _try_flush(self) -> None:
+        """The dispatcher's retry of held batches, on a capped jittered backoff."""
+        err = self._flush_held()
+        if err is not None:
+            self._flush_after = time.monotonic() + jittered(
+                self.backoff_base_s, self.backoff_max_s, self._flush_attempts
+            )
+            self._flush_attempts += 1
+
+    def _write_failed(self, err: sqlite3.Error, **fields: Any) -> None:
+        """A write the database refused: logged with SQLite's own words once per transition."""
+        if self._write_error is None:
+            log.error(
+                "outbox_write_failed",
+                error=str(err),
+                sqlite_error=getattr(err, "sqlite_errorname", None),
+                held=self._held_items,
+                **fields,
+            )
+        self._write_error = err
+
+    def _write_ok(self) -> None:
+        if self._write_error is not None and not self._writes_pending:
+            self._write_error = None
+            log.info("outbox_write_recovered", pending=self._depth)
 
     def enqueue_quality(
         self, process_id: str, equipment_id: str | None, result: dict[str, Any], idempotency_key: str
     ) -> bool:
         """Commit a quality result; True when new, False when its key is already pending or delivered."""
         body = json_bytes(result)
-        return self._enqueue([("quality_result", process_id, equipment_id, idempotency_key, body)], None)[0]
+        if self.max_body_bytes is not None and len(body) > self.max_body_bytes:
+            # MPM would only refuse it; the driver fails its source instead of a dead letter appearing later.
+            raise DataError(
+                f"quality result {idempotency_key!r} for process {process_id!r} is {len(body)} bytes, "
+                f"more than the {self.max_body_bytes} accepted ([mpm] max_body_bytes)"
+            )
+        # Not held in memory when the disk is full: the caller keeps its source until it is durable.
+        row: Row = ("quality_result", process_id, equipment_id, idempotency_key, body)
+        return self._enqueue([row], None, hold=False)[0]
 
     def enqueue_status(
         self,
@@ -275,8 +393,11 @@ class Outbox:
         return self.enqueue_statuses([update])[0]
 
     def enqueue_statuses(self, updates: Sequence[StatusUpdate], state: tuple[str, str] | None = None) -> list[bool]:
-        """Commit status updates, in order, and optionally a key-value pair, in one transaction."""
-        rows = [
+        """Commit status updates, in order, and optionally a key-value pair, in one transaction.
+
+        A disk that cannot take them keeps them in memory, in order, until it can (see the module docstring).
+        """
+        rows: list[Row] = [
             (
                 "process_status",
                 u.process_id,
@@ -286,18 +407,20 @@ class Outbox:
             )
             for u in updates
         ]
-        return self._enqueue(rows, state)
+        return self._enqueue(rows, state, hold=True)
 
     def get_state(self, key: str) -> str | None:
         """A value of the outbox's small key-value table (process sync keeps its state there)."""
         with self._lock:
+            for _, state in reversed(self._held):
+                if state is not None and state[0] == key:
+                    return state[1]
             row = self.db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
     def set_state(self, key: str, value: str) -> None:
-        """Store a value in the key-value table."""
-        with self._lock:
-            self.db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (key, value))
+        """Store a value in the key-value table (held in memory, in order, while the disk is full)."""
+        self._enqueue([], (key, value), hold=True)
 
     def _notify(self) -> None:
         if self._wake is not None:
@@ -318,8 +441,35 @@ class Outbox:
     # ---- inspection ---------------------------------------------------------------------------
 
     def depth(self) -> int:
-        """Items waiting for delivery."""
-        return self._depth
+        """Items waiting for delivery (those held in memory while the disk is full included)."""
+        return self._depth + self._held_items
+
+    def health(self) -> dict[str, Any]:
+        """The outbox's part of /healthz: MPM `down` (credentials refused, unreachable), `degraded` (the
+        disk refuses writes; updates held in memory) or `up`, with the reason and the backlog."""
+        status, reason = "up", None
+        error = self._last_error
+        if self._refused is not None:
+            status, reason, error = "down", self._refused.reason, str(self._refused)
+        elif self._down:
+            status, reason = "down", "unreachable"
+        elif self._write_error is not None:
+            status, reason = "degraded", f"cannot write {self.path.name}: {self._write_error}"
+        try:
+            dead: int | None = self.dead_letter_count()
+        except sqlite3.Error:
+            dead = None
+        since = self._down_since if status == "down" else None
+        return {
+            "status": status,
+            "reason": reason,
+            "error": error if status != "up" else None,
+            "depth": self.depth(),
+            "held_in_memory": self._held_items,
+            "dead_letters": dead,
+            "down_for_s": None if since is None else round(time.monotonic() - since, 1),
+            "write_error": None if self._write_error is None else str(self._write_error),
+        }
 
     def is_known(self, idempotency_key: str) -> str | None:
         """The state of a key in the ledger: 'pending', 'delivered', 'dead', or None."""
@@ -358,14 +508,9 @@ class Outbox:
 
     def retry_dead_letter(self, item_id: int) -> bool:
         """Move a dead letter back to pending (same key, same body, its original place); False if unknown."""
-        with self._lock:
-            db = self.db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute("SELECT process_id FROM items WHERE id = ? AND state = 'dead'", (item_id,)).fetchone()
-                if row is None:
-                    db.execute("ROLLBACK")
-                    return False
+        with self._lock, transaction(self.db) as db:
+            row = db.execute("SELECT process_id FROM items WHERE id = ? AND state = 'dead'", (item_id,)).fetchone()
+            if row is not None:
                 db.execute(
                     "UPDATE items SET state = 'pending', attempts = 0, status_code = NULL, reason = NULL, "
                     "finished_at = NULL WHERE id = ?",
@@ -376,10 +521,9 @@ class Outbox:
                     "INSERT OR IGNORE INTO lanes(process_id, next_attempt_at, attempts, position) VALUES (?, 0, 0, ?)",
                     (row[0], self._position),
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        if row is None:
+            return False
+        with self._lock:
             self._depth += 1
         self._depth_changed()
         log.info("dead_letter_retried", id=item_id, process_id=row[0])
@@ -411,7 +555,7 @@ class Outbox:
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop delivering; waits up to `grace_s` for the backlog to drain first. What is left stays durable."""
-        if grace_s > 0 and self.running:
+        if grace_s > 0 and self.running and self._refused is None:
             await self.wait_idle(grace_s)
         tasks = [t for t in (self._dispatcher, *self._lanes.values()) if t is not None]
         for task in tasks:
@@ -421,6 +565,8 @@ class Outbox:
                 await task
         self._dispatcher = None
         self._lanes.clear()
+        if self._writes_pending:
+            self._flush_held()
         # Outcome callbacks already started are allowed to finish: they republish a state change.
         if self._outcome_tasks:
             await asyncio.wait(list(self._outcome_tasks), timeout=5.0)
@@ -432,6 +578,19 @@ class Outbox:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
         self.close()
+
+    def retry_now(self) -> None:
+        """Try again at once, past every backoff (after a reload: the key may have been fixed)."""
+        self._probe_after = 0.0
+        self._flush_after = 0.0
+        with contextlib.suppress(sqlite3.Error), self._lock:
+            self.db.execute("UPDATE lanes SET next_attempt_at = 0")
+        self._notify()
+
+    async def set_client(self, client: MPMClient) -> None:
+        """Deliver through another client from now on (new credentials); retried at once."""
+        self.client = client
+        self.retry_now()
 
     async def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until nothing is pending (for tests and the drain on shutdown); False on timeout."""
@@ -469,6 +628,8 @@ class Outbox:
         while True:
             wake.clear()
             now = time.monotonic()
+            if self._writes_pending and now >= self._flush_after:
+                self._try_flush()
             limit = self.concurrency - len(self._lanes)
             if self._global_failures:
                 # MPM looks down: one lane at a time, spaced by the global backoff, until something succeeds.
@@ -493,6 +654,8 @@ class Outbox:
                         timeout = min(timeout, nxt - time.monotonic())
                 if self._global_failures and not self._lanes:
                     timeout = max(timeout, self._probe_after - time.monotonic())
+            if self._writes_pending:
+                timeout = min(timeout, self._flush_after - time.monotonic())
             # asyncio.timeout rather than wait_for: in 3.11 wait_for may swallow a cancellation that races
             # with the event being set, and stop() would wait forever. The floor keeps a lane that cannot
             # be started (a read error) from spinning the loop.
@@ -524,6 +687,9 @@ class Outbox:
                 except (TransientError, OSError) as err:
                     self._lane_failed(item, err)
                     return
+                except CredentialsRefused as err:
+                    self._credentials_refused(item, err)
+                    return
                 except RejectedError as err:
                     self._finish(item, "dead", err.status_code, str(err))
                 except ValueError as err:
@@ -535,14 +701,10 @@ class Outbox:
                     return
                 else:
                     self._finish(item, "delivered", None, None)
-                if self._db_error:
-                    self._db_error = False
-                    log.info("outbox_write_recovered")
+                self._write_ok()
         except sqlite3.Error as err:
             # A full disk or a broken file: pause this lane instead of resending in a tight loop.
-            if not self._db_error:
-                self._db_error = True
-                log.error("outbox_write_failed", process_id=pid, error=str(err))
+            self._write_failed(err, process_id=pid)
             await asyncio.sleep(min(self.backoff_max_s, 5.0))
         finally:
             self._lanes.pop(pid, None)
@@ -563,9 +725,7 @@ class Outbox:
 
     def _finish(self, item: OutboxItem, state: str, status_code: int | None, reason: str | None) -> None:
         with self._lock:
-            db = self.db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self.db) as db:
                 if state == "delivered":
                     # The ledger keeps the key; the body is no longer needed.
                     db.execute(
@@ -582,10 +742,6 @@ class Outbox:
                 db.execute(
                     "UPDATE lanes SET attempts = 0, next_attempt_at = 0 WHERE process_id = ?", (item.process_id,)
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             self._depth -= 1
         self._depth_changed()
         self._mpm_answered()
@@ -612,29 +768,52 @@ class Outbox:
             self._global_failures = 0
             if self._wake is not None:
                 self._wake.set()  # back to full concurrency
+        if self._refused is not None:
+            self._refused = None
+            log.info("outbox_credentials_accepted", pending=self.depth())
         if self._down:
             self._down = False
-            log.info("outbox_mpm_reachable", pending=self._depth)
+            log.info("outbox_mpm_reachable", pending=self.depth())
+        self._down_since = None
+        self._last_error = None
+
+    def _credentials_refused(self, item: OutboxItem, err: CredentialsRefused) -> None:
+        """MPM refuses the credentials: pause every lane and probe with one item on a capped backoff.
+
+        The item keeps its place and its lane is not backed off, so a fixed key delivers at once.
+        """
+        self.credentials_refused_count += 1
+        MPM_CREDENTIALS_REFUSED.labels(str(err.status_code)).inc()
+        changed = self._refused is None or self._refused.status_code != err.status_code
+        self._refused = err
+        self._last_error = str(err)
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        self._global_failures += 1
+        self._probe_after = time.monotonic() + self._backoff(self._global_failures, None)
+        if changed:
+            log.error(
+                "outbox_credentials_refused",
+                status_code=err.status_code,
+                reason=err.reason,
+                error=str(err),
+                process_id=item.process_id,
+                pending=self.depth(),
+            )
 
     def _lane_failed(self, item: OutboxItem, err: Exception) -> None:
         """Back off one lane; failures across several lanes in a row also back off MPM as a whole."""
         retry_after = getattr(err, "retry_after", None)
-        with self._lock:
-            db = self.db
+        self._last_error = str(err)
+        with self._lock, transaction(self.db) as db:
             row = db.execute("SELECT attempts FROM lanes WHERE process_id = ?", (item.process_id,)).fetchone()
             attempts = (row[0] if row else 0) + 1
             delay = self._backoff(attempts, retry_after)
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute(
-                    "UPDATE lanes SET attempts = ?, next_attempt_at = ? WHERE process_id = ?",
-                    (attempts, time.monotonic() + delay, item.process_id),
-                )
-                db.execute("UPDATE items SET attempts = attempts + 1 WHERE id = ?", (item.id,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            db.execute(
+                "UPDATE lanes SET attempts = ?, next_attempt_at = ? WHERE process_id = ?",
+                (attempts, time.monotonic() + delay, item.process_id),
+            )
+            db.execute("UPDATE items SET attempts = attempts + 1 WHERE id = ?", (item.id,))
         if attempts == 1:
             # The lane's transition to failing, logged once; the retries that follow are not.
             log.warning("outbox_delivery_retrying", process_id=item.process_id, kind=item.kind, error=str(err))
@@ -646,7 +825,9 @@ class Outbox:
             self._probe_after = time.monotonic() + self._backoff(self._global_failures, retry_after)
             if not self._down:
                 self._down = True
-                log.warning("outbox_mpm_unreachable", error=str(err), pending=self._depth)
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                log.warning("outbox_mpm_unreachable", error=str(err), pending=self.depth())
 
     def _backoff(self, attempts: int, retry_after: float | None) -> float:
         delay = jittered(self.backoff_base_s, self.backoff_max_s, max(0, attempts - 1))

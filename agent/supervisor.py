@@ -117,9 +117,11 @@ class Supervisor:
             degraded = degraded or not up
         components["drivers"] = drivers
         if self.outbox is not None:
-            dead = self.outbox.dead_letter_count()
-            components["outbox"] = {"status": "up", "depth": self.outbox.depth(), "dead_letters": dead}
-            degraded = degraded or dead > 0
+            # MPM down (unreachable, credentials refused) degrades health but never makes it 503: restarting
+            # the agent cannot fix MPM, and nothing is lost while the outbox holds its items.
+            outbox = self.outbox.health()
+            components["outbox"] = outbox
+            degraded = degraded or outbox["status"] != "up" or bool(outbox["dead_letters"])
         status = "ok" if healthy and not degraded else "degraded"
         return {"status": status, "session": self.session, "components": components}, healthy
 

@@ -70,7 +70,8 @@ def default_processes() -> list[dict[str, Any]]:
 
 @dataclass(slots=True)
 class Fault:
-    """An injected answer: `status` for the next `remaining` matching calls (None: until cleared)."""
+    """An injected answer: `status` for the next `remaining` matching calls (None: until cleared); `body`,
+    when given, is sent verbatim as the answer (a hostile or broken MPM)."""
 
     status: int
     remaining: int | None = 1
@@ -78,6 +79,7 @@ class Fault:
     process_id: str | None = None
     call: str | None = None
     reason: str = "injected by the emulator"
+    body: bytes | None = None
 
     def matches(self, call: str, process_id: str | None) -> bool:
         # Faults without a call name leave the token endpoint alone; it is targeted explicitly.
@@ -159,13 +161,18 @@ class MPMEmulator:
         process_id: str | None = None,
         call: str | None = None,
         reason: str = "injected by the emulator",
+        body: bytes | None = None,
     ) -> Fault:
         """Answer `status` to the next `count` matching calls (None: until `clear_faults`)."""
         if call is not None and call not in CALLS:
             raise ValueError(f"unknown call {call!r} (one of {', '.join(CALLS)})")
-        fault = Fault(status, count, retry_after, process_id, call, reason)
+        fault = Fault(status, count, retry_after, process_id, call, reason, body)
         self._faults.append(fault)
         return fault
+
+    def set_api_key(self, api_key: str | None) -> None:
+        """Accept another API key from now on (a key rotated on MPM's side); the old one gets 401."""
+        self.api_key = api_key
 
     def fail_next(self, n: int, status: int = 503, retry_after: float | None = None) -> Fault:
         """Answer `status` to the next `n` API calls."""
@@ -226,6 +233,7 @@ class MPMEmulator:
         app.router.add_delete("/_emulator/faults", self._c_clear)
         app.router.add_post("/_emulator/delay", self._c_delay)
         app.router.add_post("/_emulator/expire-tokens", self._c_expire)
+        app.router.add_post("/_emulator/api-key", self._c_api_key)
         app.router.add_post("/_emulator/reset", self._c_reset)
         app.router.add_get("/_emulator/results", self._c_results)
         app.router.add_get("/_emulator/status-history/{process_id}", self._c_history)
@@ -303,7 +311,12 @@ class MPMEmulator:
             fault = self._take_fault(call, pid)
             if fault is not None:
                 headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
-                resp = _error(fault.status, "injected", fault.reason, headers)
+                if fault.body is not None:
+                    resp = web.Response(
+                        status=fault.status, body=fault.body, content_type="application/json", headers=headers
+                    )
+                else:
+                    resp = _error(fault.status, "injected", fault.reason, headers)
             elif auth and not self._authorized(request):
                 resp = _error(401, "unauthorized", "missing or invalid credentials")
             else:
@@ -535,6 +548,17 @@ class MPMEmulator:
             self.set_delay(float(data.get("seconds", 0)), data.get("process_id"))
         except (ValueError, TypeError, AttributeError) as err:
             return _error(400, "invalid_body", str(err))
+        return web.json_response({"ok": True})
+
+    async def _c_api_key(self, request: web.Request) -> web.Response:
+        try:
+            data = await request.json()
+            key = data.get("api_key")
+            if key is not None and not isinstance(key, str):
+                raise ValueError("api_key must be a string or null")
+        except (ValueError, TypeError, AttributeError) as err:
+            return _error(400, "invalid_body", str(err))
+        self.set_api_key(key)
         return web.json_response({"ok": True})
 
     async def _c_expire(self, request: web.Request) -> web.Response:

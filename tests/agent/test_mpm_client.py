@@ -14,7 +14,7 @@ import pytest
 from agent.config import parse_config
 from agent.errors import RejectedError, TransientError
 from agent.metrics import REGISTRY
-from agent.mpm import MPMClient, MPMProcessData, MPMStatus, MPMTransientError, _TokenBucket
+from agent.mpm import CredentialsRefused, MPMClient, MPMProcessData, MPMStatus, MPMTransientError, _TokenBucket
 from agent.simulate.mpm_emulator import MPMEmulator, emulator_for, simulate_mpm
 from peers import free_port
 
@@ -347,3 +347,39 @@ client_secret_file = "secret"
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_client_raises_credentials_refused() -> None:
+    emu = MPMEmulator(api_key="k")
+    await emu.start()
+    before = calls_total("submit_quality_results", "credentials_refused")
+    try:
+        async with MPMClient(emu.base_url or "", api_key="not-k", **CLIENT_OPTIONS) as c:
+            with pytest.raises(CredentialsRefused) as err:
+                await c.submit_quality_results("PROC-001", {"n": 1}, "x")
+            assert err.value.status_code == 401 and err.value.reason == "credentials refused (401)"
+            assert isinstance(err.value, RejectedError)
+            assert "not-k" not in str(err.value)
+        # only one attempt: a refused key is not retried inside the call; counted for the metrics
+        assert len(emu.calls) == 1
+        assert calls_total("submit_quality_results", "credentials_refused") == before + 1
+    finally:
+        await emu.stop()
+
+
+async def test_hostile_answer_is_a_clear_error(emulator: MPMEmulator, client: MPMClient) -> None:
+    deep = b"[" * 10_000 + b"]" * 10_000
+    emulator.fail(200, 1, call="get_process_data", body=deep)
+    with pytest.raises(TransientError, match="nests deeper than 64"):
+        await client.get_process_data("PROC-001")
+    emulator.fail(200, 1, call="list_processes", body=b'{"processes": [NaN]}')
+    with pytest.raises(TransientError, match="list_processes"):
+        await client.list_processes()
+    # A submission MPM accepted stays accepted, whatever its answer looks like.
+    emulator.fail(201, 1, call="submit_quality_results", body=deep)
+    assert await client.submit_quality_results("PROC-001", {"n": 1}, "deep-1") == {"http_status": 201}
+    # An error answer nested too deeply still gives a status and a short reason.
+    emulator.fail(400, 1, call="submit_quality_results", body=deep)
+    with pytest.raises(RejectedError) as err:
+        await client.submit_quality_results("PROC-001", {"n": 2}, "deep-2")
+    assert err.value.status_code == 400 and len(str(err.value)) < 500

@@ -31,7 +31,7 @@ def config(tmp: Path, broker: Broker, mpm: MpmPeer, script: Path) -> Path:
         '[[equipment.tags]]\nname = "state"',
         1,
     )
-    mpm_section = f'[mpm]\nbase_url = "{mpm.base_url}"\nauth = "api_key"\nrate_limit_per_minute = 100000\n'
+    mpm_section = f'[mpm]\nbase_url = "{mpm.base_url}"\nauth = "none"\nrate_limit_per_minute = 100000\n'
     return write_config(tmp, broker.port, mpm_section + body)
 
 
@@ -172,7 +172,7 @@ def test_dead_letters_over_http(tmp_path: Path, broker: Broker, mpm: MpmPeer) ->
         '[[http.api_keys]]\nname = "viewer"\nkey_file = "viewer.key"\nrole = "viewer"\n'
     )
     script = tmp_path / "press.jsonl"
-    body = f'[mpm]\nbase_url = "{mpm.base_url}"\n' + scripted_equipment("press-1", script)
+    body = f'[mpm]\nbase_url = "{mpm.base_url}"\nauth = "none"\n' + scripted_equipment("press-1", script)
     cfg = write_config(tmp_path, broker.port, body, http=http)
 
     def call(method: str, path: str, key: str) -> tuple[int, dict]:
@@ -191,7 +191,7 @@ def test_dead_letters_over_http(tmp_path: Path, broker: Broker, mpm: MpmPeer) ->
         script_line(script, op="quality", result=result(2, "PROC-002"), key="dl-2")
 
         def two_dead() -> list[dict] | None:
-            letters = call("GET", "/api/v1/dead-letters", "viewer-key-1")[1]["dead_letters"]
+            letters = call("GET", "/api/v1/dead-letters", "admin-key-1")[1]["dead_letters"]
             return letters if len(letters) == 2 else None
 
         dead = wait_until(two_dead, what="two dead letters")
@@ -205,7 +205,7 @@ def test_dead_letters_over_http(tmp_path: Path, broker: Broker, mpm: MpmPeer) ->
         two = by_key["dl-2"]
         assert call("DELETE", f"/api/v1/dead-letters/{two['id']}", "admin-key-1")[0] == 200
         assert call("DELETE", f"/api/v1/dead-letters/{two['id']}", "admin-key-1")[0] == 404
-        assert call("GET", "/api/v1/dead-letters", "viewer-key-1")[1]["dead_letters"] == []
+        assert call("GET", "/api/v1/dead-letters", "admin-key-1")[1]["dead_letters"] == []
         health = call("GET", "/healthz", "viewer-key-1")[1]
         assert health["components"]["outbox"]["dead_letters"] == 0
         assert daemon.stop() == 0
