@@ -140,7 +140,12 @@ class EquipmentClient:
             return
         self.config.agent.state_dir.mkdir(parents=True, exist_ok=True)
         cls = get_driver(self.equipment.driver)
-        ctx = DriverContext(self.config.agent.state_dir, self.config.agent.reconnect_max_s)
+        mpm = self.config.mpm
+        ctx = DriverContext(
+            self.config.agent.state_dir,
+            self.config.agent.reconnect_max_s,
+            max_result_bytes=mpm.max_body_bytes if mpm is not None else None,
+        )
         driver = cls(self.equipment, ctx)
         try:
             await driver.__aenter__()

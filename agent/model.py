@@ -24,7 +24,8 @@ def iso(ts: datetime) -> str:
         ts = ts.replace(tzinfo=UTC)
     else:
         ts = ts.astimezone(UTC)
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+    # The year padded by hand: strftime leaves years before 1000 short, which no ISO parser reads back.
+    return f"{ts.year:04d}" + ts.strftime("-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
 
 
 def parse_iso(text: str) -> datetime:

@@ -7,6 +7,13 @@ QualityResult whose `committed` future says when the result is durable. Only the
 to `processed_dir`, or to `failed_dir` with a `<name>.error.txt` when it cannot be parsed. What a crash
 leaves in `.processing/` is finished on the next start; the content-derived idempotency key makes that
 safe, since the daemon's outbox answers a key it already holds as a duplicate.
+
+Poison never halts the folder: whatever goes wrong while one file is parsed (a refusal, a library
+exception, a result larger than MPM takes) fails that file alone, and a file that was being handled when
+the agent died twice (counted in a durable attempts ledger in state_dir) is failed instead of tried a
+third time. An entry that is not a regular file (a symbolic link, never followed; a FIFO, socket or device;
+a directory whose name matches) is moved to `failed_dir` as what it is, never opened; one that cannot be
+moved is logged once and left alone.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import asyncio
 import errno
 import fnmatch
 import itertools
+import json
 import os
 import shutil
 import stat
@@ -27,6 +35,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from watchfiles import awatch
 
+from agent import jsonin
 from agent.config import CommandBase, EquipmentConfig, Model
 from agent.errors import DataError
 from agent.metrics import DRIVER_ERRORS, DRIVER_READS
@@ -43,6 +52,15 @@ HEALTH_POLL_S = 1.0
 CLAIM_BATCH = 64
 # Errors of os.link that mean "this filesystem cannot hard-link here": fall back to copying.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP}
+# A file that was being handled when the agent died this many times is failed, not tried again.
+CRASHES_MAX = 2
+
+# What a listing knows of an entry: (size, mtime_ns, inode); a change of any restarts its stability wait.
+Look = tuple[int, int, int]
+
+
+def _look(st: os.stat_result) -> Look:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 class FileDropConnection(Model):
@@ -83,11 +101,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _same_entry(a: Path, b: Path) -> bool:
+    """Whether two names are one inode, links not followed (two symlinks to one target are not one)."""
     try:
-        return os.path.samefile(a, b)
+        sa, sb = os.lstat(a), os.lstat(b)
     except OSError:
         return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def place_file(src: Path, dst_dir: Path, name: str, error_text: str | None = None) -> Path:
@@ -96,54 +116,188 @@ def place_file(src: Path, dst_dir: Path, name: str, error_text: str | None = Non
     With `error_text`, `<final name>.error.txt` is written beside it. A hard link followed by an unlink
     makes "create only if free" atomic; a crash between the two leaves the same inode at both places,
     which the next attempt recognises and completes. Across filesystems the file is copied instead.
+    An entry that is not a regular file is moved as what it is and never opened: a symbolic link as the
+    link (its target is not followed), a FIFO, socket or device as its node, a directory by a rename
+    (which cannot cross filesystems: OSError EXDEV).
     """
+    st = os.lstat(src)
     dst_dir.mkdir(parents=True, exist_ok=True)
     for n in itertools.count():
         target = dst_dir / numbered(name, n)
         err_path = dst_dir / f"{target.name}.error.txt" if error_text is not None else None
         if err_path is not None and not os.path.lexists(target) and os.path.lexists(err_path):
             continue  # a reason file without its file: leave it alone, take the next name
-        try:
-            os.link(src, target)
-        except FileExistsError:
-            if not _same_file(src, target):
-                continue
-        except OSError as err:
-            if err.errno not in _NO_LINK:
-                raise
-            if not _copy_exclusive(src, target):
-                continue
+        if not _put(src, st, target):
+            continue
         if err_path is not None:
-            with open(err_path, "w", encoding="utf-8") as f:
+            # backslashreplace: a file name that is not UTF-8 must not stop its own reason being written.
+            with open(err_path, "w", encoding="utf-8", errors="backslashreplace") as f:
                 f.write(error_text or "")
                 f.flush()
                 os.fsync(f.fileno())
         _fsync_dir(dst_dir)
-        os.unlink(src)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(src)
         _fsync_dir(src.parent)
         return target
     raise AssertionError("unreachable")
 
 
-def _copy_exclusive(src: Path, target: Path) -> bool:
+def _put(src: Path, st: os.stat_result, target: Path) -> bool:
+    """Make `target` the entry `src` is, leaving `src` (a directory: moving it); False if the name is taken."""
+    if stat.S_ISDIR(st.st_mode):
+        # A directory cannot be hard-linked, and a rename would replace an empty directory of that name.
+        if os.path.lexists(target):
+            return False
+        os.rename(src, target)
+        return True
     try:
-        out = open(target, "xb")  # closed by the with below
+        os.link(src, target, follow_symlinks=False)
+        return True
+    except FileExistsError:
+        return _same_entry(src, target)
+    except OSError as err:
+        if err.errno not in _NO_LINK:
+            raise
+    try:
+        if stat.S_ISREG(st.st_mode):
+            _copy_exclusive(src, target)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(src), target)
+        elif stat.S_ISFIFO(st.st_mode):
+            os.mkfifo(target, stat.S_IMODE(st.st_mode))
+        else:  # a socket or a device node: made anew, never opened
+            os.mknod(target, st.st_mode, st.st_rdev)
     except FileExistsError:
         return False
-    with out, open(src, "rb") as inp:
+    return True
+
+
+def _copy_exclusive(src: Path, target: Path) -> None:
+    out = open(target, "xb")  # FileExistsError when taken; closed by the with below
+    with out, open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as inp:
         shutil.copyfileobj(inp, out)
         out.flush()
         os.fsync(out.fileno())
     shutil.copystat(src, target)
-    return True
+
+
+def describe_kind(mode: int) -> str:
+    """What an entry that is not a regular file is, as an error file says it."""
+    for test, kind in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return f"an entry of unknown kind (mode {mode:o})"
+
+
+def not_regular_reason(path: Path, name: str, mode: int) -> str:
+    """The reason an entry that is not a regular file is failed; a link's target is named, never opened."""
+    kind = describe_kind(mode)
+    if stat.S_ISLNK(mode):
+        try:
+            kind += f" to {os.readlink(path)!r}"
+        except OSError:
+            pass
+        return f"{name}: {kind}, not a regular file; moved here without following it"
+    return f"{name}: {kind}, not a regular file; moved here unread"
+
+
+def attempts_ledger_path(state_dir: Path, equipment_id: str) -> Path:
+    """Where a file-drop equipment keeps its attempts ledger."""
+    return Path(state_dir) / "file_drop" / f"{equipment_id}.attempts.json"
+
+
+class AttemptsLedger:
+    """How many times each file in .processing/ was being handled when the agent died.
+
+    `begin` counts an attempt and makes it durable (fsync, atomic replace) before the parse starts; `end`
+    takes it back once the attempt is over with the agent still alive. What remains counts deaths. An
+    entry holds the file's look, so another file that later takes the name starts from nothing. When
+    state_dir cannot be written the counts are kept in memory, and that is logged once.
+    """
+
+    def __init__(self, path: Path, log: Any) -> None:
+        self.path = path
+        self.log = log
+        self._files: dict[str, tuple[int, Look]] = {}
+        self._durable = True
+
+    def load(self) -> None:
+        """Read the ledger; an unreadable or foreign one counts as empty (a poison file then gets 2 more tries)."""
+        self._files = {}
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            self.log.warning("attempts_ledger_unreadable", path=str(self.path), error=err.strerror or str(err))
+            return
+        try:
+            files = jsonin.loads(data, what=str(self.path))["files"]
+            for name, entry in files.items():
+                count, look = entry["attempts"], tuple(entry["look"])
+                if isinstance(count, int) and len(look) == 3 and all(isinstance(v, int) for v in look):
+                    self._files[name] = (count, (look[0], look[1], look[2]))
+        except (DataError, KeyError, TypeError, AttributeError):
+            self.log.warning("attempts_ledger_unreadable", path=str(self.path), error="not a ledger")
+
+    def begin(self, name: str, look: Look) -> int:
+        """How many earlier attempts at this file the agent died in; below CRASHES_MAX this one is counted."""
+        count, seen = self._files.get(name, (0, look))
+        prior = count if seen == look else 0
+        if prior < CRASHES_MAX:
+            self._files[name] = (prior + 1, look)
+            self._save(durable=True)
+        return prior
+
+    def end(self, name: str) -> None:
+        """The attempt at `name` is over with the agent alive (or the file left .processing/)."""
+        if self._files.pop(name, None) is not None:
+            # No fsync: a death of the process keeps what the kernel was given; only a power cut could
+            # bring back a count, which then needs two more deaths to fail the file.
+            self._save(durable=False)
+
+    def keep_only(self, names: set[str]) -> None:
+        """Forget files no longer in .processing/."""
+        if set(self._files) - names:
+            self._files = {n: v for n, v in self._files.items() if n in names}
+            self._save(durable=False)
+
+    def _save(self, durable: bool) -> None:
+        body = {"files": {n: {"attempts": c, "look": list(look)} for n, (c, look) in self._files.items()}}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="ascii") as f:  # names that are not UTF-8 are \u-escaped
+                json.dump(body, f)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            if durable:
+                _fsync_dir(self.path.parent)
+        except OSError as err:
+            if self._durable:
+                self._durable = False
+                self.log.warning("attempts_ledger_not_durable", path=str(self.path), error=err.strerror or str(err))
+            return
+        if not self._durable:
+            self._durable = True
+            self.log.info("attempts_ledger_durable", path=str(self.path))
 
 
 @dataclass(slots=True)
 class _Seen:
-    """What a candidate file looked like when first seen so, and since when (monotonic)."""
+    """What a candidate entry looked like when first seen so, and since when (monotonic)."""
 
-    size: int
-    mtime_ns: int
+    look: Look
     since: float
 
 
@@ -171,7 +325,10 @@ class FileDropDriver(Driver):
         self._watched: tuple[int, int] | None = None
         self._seen: dict[str, _Seen] = {}
         # Files in .processing/ whose result the daemon already holds: a retry only moves them.
-        self._committed: dict[str, tuple[int, int]] = {}
+        self._committed: dict[str, Look] = {}
+        # Entries that could not be moved out of the way: left alone while they look the same.
+        self._stuck: dict[Path, Look] = {}
+        self._attempts = AttemptsLedger(attempts_ledger_path(context.state_dir, equipment.id), self.log)
         self._fault: str | None = None
         self._leftovers_due = True
         self._retry_at = 0.0
@@ -201,6 +358,7 @@ class FileDropDriver(Driver):
         self._changes.clear()
         self._leftovers_due = True
         self._retry_at = 0.0
+        await asyncio.to_thread(self._attempts.load)
         self.log.info("watching", directory=str(self.directory), patterns=self.conn.patterns)
 
     async def close(self) -> None:
@@ -220,7 +378,7 @@ class FileDropDriver(Driver):
             self._wake.clear()
             # In a thread: a stat on a network share that stopped answering must not stall the daemon.
             health, message, ident = await asyncio.to_thread(self._probe)
-            listing: dict[str, tuple[int, int]] | None = None
+            listing: dict[str, Look] | None = None
             if health == "ok":
                 if ident != self._watched:
                     await self._start_watcher(ident)
@@ -322,22 +480,21 @@ class FileDropDriver(Driver):
             return False
         return any(fnmatch.fnmatchcase(lower, p) for p in self._patterns)
 
-    def _list_top(self) -> dict[str, tuple[int, int]]:
-        found: dict[str, tuple[int, int]] = {}
+    def _list_top(self) -> dict[str, Look]:
+        """Every wanted entry, whatever its kind (lstat: a link is looked at, never followed)."""
+        found: dict[str, Look] = {}
         with os.scandir(self.directory) as it:
             for entry in it:
                 if not self.wanted(entry.name):
                     continue
                 try:
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                found[entry.name] = (st.st_size, st.st_mtime_ns)
+                found[entry.name] = _look(st)
         return found
 
-    async def _observe(self, listing: dict[str, tuple[int, int]] | None) -> None:
+    async def _observe(self, listing: dict[str, Look] | None) -> None:
         """Update what each candidate looks like from a full listing and the names the watcher reported."""
         names = self._changes
         self._changes = set()
@@ -345,90 +502,105 @@ class FileDropDriver(Driver):
             now = time.monotonic()
             for gone in set(self._seen) - set(listing):
                 del self._seen[gone]
-            for name, (size, mtime_ns) in listing.items():
-                self._note(name, size, mtime_ns, now)
+            for path in [p for p in self._stuck if p.parent == self.directory and p.name not in listing]:
+                del self._stuck[path]
+            for name, now_look in listing.items():
+                self._note(name, now_look, now)
             names -= set(listing)
         if not names:
             return
         # In a thread: a stat on a network share that stopped answering must not stall the daemon.
         stats = await asyncio.to_thread(self._stat_top, names)
         now = time.monotonic()
-        for name, st in stats.items():
-            if st is None:
+        for name, found in stats.items():
+            if found is None:
                 self._seen.pop(name, None)
             else:
-                self._note(name, st[0], st[1], now)
+                self._note(name, found, now)
 
-    def _stat_top(self, names: set[str]) -> dict[str, tuple[int, int] | None]:
-        found: dict[str, tuple[int, int] | None] = {}
+    def _stat_top(self, names: set[str]) -> dict[str, Look | None]:
+        found: dict[str, Look | None] = {}
         for name in names:
             try:
-                st = os.stat(self.directory / name, follow_symlinks=False)
+                found[name] = _look(os.stat(self.directory / name, follow_symlinks=False))
             except OSError:
                 found[name] = None
-                continue
-            found[name] = (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
         return found
 
-    def _note(self, name: str, size: int, mtime_ns: int, now: float) -> None:
+    def _note(self, name: str, look: Look, now: float) -> None:
+        if self._stuck.get(self.directory / name) == look:
+            self._seen.pop(name, None)
+            return
         seen = self._seen.get(name)
-        if seen is None or seen.size != size or seen.mtime_ns != mtime_ns:
-            self._seen[name] = _Seen(size, mtime_ns, now)
+        if seen is None or seen.look != look:
+            self._seen[name] = _Seen(look, now)
 
     async def _take_ready(self) -> AsyncIterator[Event]:
         """Claim and process every file stable for `stable_s`, oldest first, a batch at a time."""
         while not self._closed:
             now = time.monotonic()
             ready = sorted(
-                (seen.mtime_ns, name) for name, seen in self._seen.items() if now - seen.since >= self.conn.stable_s
+                (seen.look[1], name) for name, seen in self._seen.items() if now - seen.since >= self.conn.stable_s
             )
             if not ready:
                 return
-            batch = [(name, self._seen[name].size, mtime_ns) for mtime_ns, name in ready[:CLAIM_BATCH]]
+            batch = [(name, self._seen[name].look) for _, name in ready[:CLAIM_BATCH]]
             try:
-                claimed, changed = await asyncio.to_thread(self._claim, batch)
+                claimed, changed, odd = await asyncio.to_thread(self._claim, batch)
             except OSError as err:
                 self._set_fault(f"cannot claim files in {self.directory}: {err.strerror or err}")
-                for name, _, _ in batch:  # look again after a rescan period, not in a tight loop
+                for name, _ in batch:  # look again after a rescan period, not in a tight loop
                     if name in self._seen:
                         self._seen[name].since = now + self.conn.rescan_s
                 return
             now = time.monotonic()
-            for name, _, _ in batch:
-                if name in claimed:
+            for name, _ in batch:
+                if name in claimed or name in odd:
                     self._seen.pop(name, None)
                 elif name in changed:
-                    st = changed[name]
-                    if st is None:
+                    new_look = changed[name]
+                    if new_look is None:
                         self._seen.pop(name, None)
                     else:
-                        self._seen[name] = _Seen(st[0], st[1], now)  # still being written: wait again
+                        self._seen[name] = _Seen(new_look, now)  # still being written: wait again
                 elif name in self._seen:
                     # The name still waits in .processing/ (a move failed); try again later.
                     self._seen[name].since = now + self.conn.rescan_s
-            if not claimed:
+            for name, st in odd.items():
+                # Not claimed: moved straight from where it was put, and left there, in sight, if it cannot be.
+                path = self.directory / name
+                reason = await asyncio.to_thread(not_regular_reason, path, name, st.st_mode)
+                await self._reject(path, name, reason, _look(st), regular=False)
+            if not claimed and not odd:
                 return
             for name in claimed:
                 async for ev in self._handle(name):
                     yield ev
 
-    def _claim(self, batch: list[tuple[str, int, int]]) -> tuple[list[str], dict[str, tuple[int, int] | None]]:
+    def _claim(
+        self, batch: list[tuple[str, Look]]
+    ) -> tuple[list[str], dict[str, Look | None], dict[str, os.stat_result]]:
         """Rename files still as last seen into .processing/ (same filesystem: atomic) and make it durable.
 
-        Returns the names claimed, and the new look of those that changed or vanished meanwhile.
+        Returns the names claimed, the new look of those that changed or vanished meanwhile, and the
+        entries that are not regular files (never claimed).
         """
         os.makedirs(self.processing_dir, exist_ok=True)
         claimed: list[str] = []
-        changed: dict[str, tuple[int, int] | None] = {}
-        for name, size, mtime_ns in batch:
+        changed: dict[str, Look | None] = {}
+        odd: dict[str, os.stat_result] = {}
+        for name, look in batch:
             src = self.directory / name
             try:
                 st = os.stat(src, follow_symlinks=False)
             except FileNotFoundError:
                 changed[name] = None
                 continue
-            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                changed[name] = (st.st_size, st.st_mtime_ns)
+            if _look(st) != look:
+                changed[name] = _look(st)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                odd[name] = st
                 continue
             target = self.processing_dir / name
             if os.path.lexists(target):
@@ -442,7 +614,7 @@ class FileDropDriver(Driver):
         if claimed:
             _fsync_dir(self.directory)
             _fsync_dir(self.processing_dir)
-        return claimed, changed
+        return claimed, changed, odd
 
     async def _finish_leftovers(self) -> AsyncIterator[Event]:
         """Process what a crash or a failed move left in .processing/, oldest first."""
@@ -452,6 +624,9 @@ class FileDropDriver(Driver):
             self._set_fault(f"cannot read {self.processing_dir}: {err.strerror or err}")
             self._retry_later()
             return
+        await asyncio.to_thread(self._attempts.keep_only, set(names))
+        for path in [p for p in self._stuck if p.parent == self.processing_dir and p.name not in names]:
+            del self._stuck[path]
         if names:
             self.log.info("finishing_leftovers", count=len(names))
         for name in names:
@@ -461,14 +636,17 @@ class FileDropDriver(Driver):
                 yield ev
 
     def _list_processing(self) -> list[str]:
+        """Every entry in .processing/, of whatever kind (something may have been put there by hand)."""
         if not os.path.isdir(self.processing_dir):
             return []
-        files: list[tuple[int, str]] = []
+        entries: list[tuple[int, str]] = []
         with os.scandir(self.processing_dir) as it:
             for entry in it:
-                if entry.is_file(follow_symlinks=False):
-                    files.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
-        return [name for _, name in sorted(files)]
+                try:
+                    entries.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
+                except FileNotFoundError:
+                    continue
+        return [name for _, name in sorted(entries)]
 
     async def _handle(self, name: str) -> AsyncIterator[Event]:
         """One claimed file: parse, hand over, wait until durable, then move it out of .processing/."""
@@ -482,32 +660,63 @@ class FileDropDriver(Driver):
             self._set_fault(f"cannot read files in {self.processing_dir}: {err.strerror or err}")
             self._retry_later()
             return
+        look = _look(st)
+        if self._stuck.get(path) == look:
+            return
+        if not stat.S_ISREG(st.st_mode):  # swapped in between our look and the claim, or put here by hand
+            reason = await asyncio.to_thread(not_regular_reason, path, name, st.st_mode)
+            await self._reject(path, name, reason, look, regular=False)
+            return
         fresh: bool | None = None
         process_id: str | None = None
-        if self._committed.get(name) != (st.st_size, st.st_mtime_ns):
+        if self._committed.get(name) != look:
+            prior = await asyncio.to_thread(self._attempts.begin, name, look)
+            if prior >= CRASHES_MAX:
+                reason = (
+                    f"{name}: the agent stopped {prior} times while handling this file (killed or crashed); "
+                    "it is not tried again"
+                )
+                await self._reject(path, name, reason, look)
+                return
+            if prior:
+                self.log.warning("report_retried_after_crash", file=name, attempt=prior + 1)
             try:
-                result, key = await asyncio.to_thread(self._read, path, name)
-            except DataError as err:
-                await self._reject(path, name, str(err))
-                return
-            except FileNotFoundError:
-                return
-            except OSError as err:
-                self._set_fault(f"cannot read files in {self.processing_dir}: {err.strerror or err}")
-                self._retry_later()
-                return
-            process_id = result["process_id"]
-            committed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-            yield QualityResult(result, key, committed=committed)
-            # asyncio.wait does not raise when the daemon cancels or fails the future, only when we are.
-            await asyncio.wait({committed})
-            if committed.cancelled() or committed.exception() is not None:
-                why = "cancelled" if committed.cancelled() else str(committed.exception())
-                self._set_fault(f"results are not being stored: {why}")
-                self._retry_later()
-                return
-            fresh = committed.result()
-            self._committed[name] = (st.st_size, st.st_mtime_ns)
+                try:
+                    result, key = await asyncio.to_thread(self._read, path, name)
+                except DataError as err:
+                    await self._reject(path, name, str(err), look)
+                    return
+                except FileNotFoundError:
+                    return
+                except OSError as err:
+                    self._set_fault(f"cannot read files in {self.processing_dir}: {err.strerror or err}")
+                    self._retry_later()
+                    return
+                except Exception as err:  # a parser or library fault (RecursionError, MemoryError): this file only
+                    self.log.error("report_parse_failed", file=name, error=str(err), error_type=type(err).__name__)
+                    why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+                    await self._reject(path, name, f"{name}: cannot be read as a report: {why}", look)
+                    return
+                process_id = result["process_id"]
+                committed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+                yield QualityResult(result, key, committed=committed)
+                # asyncio.wait does not raise when the daemon cancels or fails the future, only when we are.
+                await asyncio.wait({committed})
+                refusal = None if committed.cancelled() else committed.exception()
+                if isinstance(refusal, DataError):  # the daemon refuses this result: it will never take it
+                    await self._reject(path, name, f"{name}: the result was refused: {refusal}", look)
+                    return
+                if committed.cancelled() or refusal is not None:
+                    why = "cancelled" if committed.cancelled() else str(refusal)
+                    self._set_fault(f"results are not being stored: {why}")
+                    self._retry_later()
+                    return
+                fresh = committed.result()
+                self._committed[name] = look
+            finally:
+                # The attempt is over and the agent alive: only a death during an attempt counts against
+                # the file. Synchronous (a small local write) so that it also runs when the task is cancelled.
+                self._attempts.end(name)
         try:
             final = await asyncio.to_thread(place_file, path, self.processed_dir, name)
         except OSError as err:
@@ -526,27 +735,60 @@ class FileDropDriver(Driver):
         )
 
     def _read(self, path: Path, name: str) -> tuple[dict[str, Any], str]:
-        with open(path, "rb") as f:
+        # O_NOFOLLOW: a link swapped in after our look is refused, never followed; O_NONBLOCK: nor does a
+        # FIFO swapped in hold the open.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise DataError(f"{name}: a symbolic link, not a regular file; not followed") from None
+            raise
+        with open(fd, "rb") as f:
             st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise DataError(f"{name}: {describe_kind(st.st_mode)}, not a regular file; not read")
             if st.st_size > self.conn.max_file_bytes:
                 raise DataError(f"{name}: file is {st.st_size} bytes, over max_file_bytes ({self.conn.max_file_bytes})")
             data = f.read(self.conn.max_file_bytes + 1)
         result = parse_report(
-            name, data, equipment_id=self.equipment.id, mtime_ns=st.st_mtime_ns, max_bytes=self.conn.max_file_bytes
+            name,
+            data,
+            equipment_id=self.equipment.id,
+            mtime_ns=st.st_mtime_ns,
+            max_bytes=self.conn.max_file_bytes,
+            max_result_bytes=self.context.max_result_bytes,
         )
         return result, idempotency_key(data)
 
-    async def _reject(self, path: Path, name: str, reason: str) -> None:
+    async def _reject(self, path: Path, name: str, reason: str, look: Look, *, regular: bool = True) -> None:
+        """Move an entry to failed_dir with its reason.
+
+        A regular file that cannot be moved is tried again after a rescan period (the folder may come
+        back); anything else that cannot be moved is logged once and left alone while it looks the same.
+        """
         text = f"{reason}\n\nfile: {name}\nequipment: {self.equipment.id}\nrejected_at: {iso(utcnow())}\n"
         try:
             final = await asyncio.to_thread(place_file, path, self.failed_dir, name, text)
         except OSError as err:
-            self._set_fault(f"cannot move files to {self.failed_dir}: {err.strerror or err}")
-            self._retry_later()
+            if regular:
+                self._set_fault(f"cannot move files to {self.failed_dir}: {err.strerror or err}")
+                self._retry_later()
+                return
+            self._leave_alone(path, look, reason, f"cannot move it to {self.failed_dir}: {err.strerror or err}")
             return
+        except Exception as err:  # never a reason to stop the folder: this entry only
+            self._leave_alone(path, look, reason, f"cannot move it to {self.failed_dir}: {type(err).__name__}: {err}")
+            return
+        if path.parent == self.processing_dir:
+            await asyncio.to_thread(self._attempts.end, name)
         self._clear_fault()
         DRIVER_ERRORS.labels(self.equipment.id, "bad_file").inc()
         self.log.warning("report_rejected", file=name, moved_to=final.name, reason=reason)
+
+    def _leave_alone(self, path: Path, look: Look, reason: str, why: str) -> None:
+        self._stuck[path] = look
+        DRIVER_ERRORS.labels(self.equipment.id, "bad_file").inc()
+        self.log.error("entry_left_alone", path=str(path), reason=reason, error=why)
 
     def _set_fault(self, message: str) -> None:
         if self._fault is None:

@@ -1,7 +1,8 @@
 """A coordinate measuring machine that drops inspection reports into a file-drop equipment's folder.
 
 Every few seconds one report for one machined part: mostly in tolerance, now and then a feature out of
-tolerance, rarely a malformed file (a probe error in a value, or a report cut off after its header).
+tolerance, rarely a malformed file (a probe error in a value, an overflowed value such as 1e400 that
+no JSON body can carry, or a report cut off after its header).
 Files are written the way measuring software writes them: in pieces with short pauses under the final
 name, or to a `.tmp` name renamed at the end. Job numbers continue across restarts (kept in state_dir).
 """
@@ -68,15 +69,16 @@ def build_report(job: str, rng: random.Random, *, defect_rate: float = 0.1, malf
     """The CSV text of one report for process `job`."""
     lines = [HEADER]
     if rng.random() < malformed_rate:
-        kind = rng.choice(("probe_error", "truncated"))
+        kind = rng.choice(("probe_error", "overflow", "truncated"))
         if kind == "truncated":
             return HEADER
         bad = rng.randrange(len(FEATURES))
+        glitch = "----" if kind == "probe_error" else "1e400"
     else:
-        bad = -1
+        bad, glitch = -1, ""
     defects = {i for i in range(len(FEATURES)) if rng.random() < defect_rate / 3}
     for i, f in enumerate(FEATURES):
-        measured = "----" if i == bad else f"{measure(f, rng, defect=i in defects):.4f}"
+        measured = glitch if i == bad else f"{measure(f, rng, defect=i in defects):.4f}"
         lines.append(f"{job},{f.name},{f.nominal:.4f},{measured},{f.lower_tol:+.4f},{f.upper_tol:+.4f},{f.unit}\n")
     return "".join(lines)
 

@@ -126,9 +126,15 @@ class Run:
 
 
 @asynccontextmanager
-async def running(eq: EquipmentConfig, tmp_path: Path, daemon: Daemon | None = None) -> AsyncIterator[Run]:
+async def running(
+    eq: EquipmentConfig,
+    tmp_path: Path,
+    daemon: Daemon | None = None,
+    context: DriverContext | None = None,
+    driver_class: type[FileDropDriver] = FileDropDriver,
+) -> AsyncIterator[Run]:
     daemon = daemon or Daemon()
-    async with FileDropDriver(eq, DriverContext(tmp_path / "state")) as driver:
+    async with driver_class(eq, context or DriverContext(tmp_path / "state")) as driver:
         task = asyncio.create_task(daemon.consume(driver.events()))
         try:
             yield Run(daemon, task, eq)
@@ -429,7 +435,7 @@ def test_check_config_refuses_output_folder_equal_to_directory(tmp_path: Path, f
         parse_config(config_text(tmp_path, directory="drops", **{field: "./drops/"}), tmp_path / "agent.toml")
     lines = info.value.problems
     assert any(
-        line.startswith(f"equipment[0].connection.{field}: must differ from connection.directory") for line in lines
+        line.startswith(f"equipment[cmm-1].connection.{field}: must differ from connection.directory") for line in lines
     )
     assert all("(line " in line for line in lines)
 

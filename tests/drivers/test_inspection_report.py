@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.errors import DataError
+from agent.model import json_bytes, parse_iso
 from drivers.inspection_report import file_timestamp, idempotency_key, parse_report
 
 MTIME_NS = 1_764_259_200_123_456_789  # 2025-11-27T16:00:00.123Z
@@ -229,3 +233,115 @@ def test_file_timestamp_is_utc_with_milliseconds() -> None:
     ns = int(datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC).timestamp() * 1e9)
     assert file_timestamp(ns) == "2026-01-02T03:04:05.678Z"
     assert file_timestamp(1_767_225_599_999_999_999) == "2025-12-31T23:59:59.999Z"
+
+
+# ---- fuzzing: any bytes give a result or a DataError that names where -----------------------------
+
+# Where a refusal may point: a CSV row, a JSON line/column or field path, or the whole file.
+LOCATORS = ("row ", "line ", "field ", "the top level", "nests deeper", "file is empty", "max_file_bytes")
+
+
+def outcome(name: str, data: bytes) -> dict[str, Any] | None:
+    """Parse; a refusal must be a DataError naming the file and where; a result must be a sendable body."""
+    try:
+        result = parse_report(name, data, equipment_id="cmm-1", mtime_ns=MTIME_NS, max_bytes=16384)
+    except DataError as err:
+        message = str(err)
+        assert message.startswith(f"{name}: "), message
+        assert any(loc in message for loc in LOCATORS), message
+        assert len(message) < 600, message  # quotes a value, never a whole file
+        return None
+    body = json.loads(json_bytes(result), parse_constant=lambda c: pytest.fail(f"{c} in the body"))
+    assert isinstance(body["process_id"], str) and body["process_id"].strip()
+    assert isinstance(body["overall_score"], (int, float)) and not isinstance(body["overall_score"], bool)
+    assert parse_iso(body["timestamp"]).tzinfo is not None
+    assert isinstance(body["defects"], list) and isinstance(body["measurements"], list)
+    return result
+
+
+PLAIN_NUMBERS = st.decimals(min_value=-1000, max_value=1000, places=4).map(str)
+NUMBERS = st.one_of(
+    PLAIN_NUMBERS,
+    PLAIN_NUMBERS,
+    st.sampled_from(["1e400", "-1e400", "1e-400", "1e999999999999999999", "9" * 400, ".5", "+1.", "1_0", "NaN", ""]),
+    st.decimals(allow_nan=False, allow_infinity=False).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.text(alphabet="0123456789.eE+-", max_size=12),
+)
+CELLS = st.one_of(NUMBERS, st.text(max_size=12), st.sampled_from(["J", "a", "mm", '"', "\x00", ","]))
+
+
+@st.composite
+def scored_csv_reports(draw: st.DrawFn) -> bytes:
+    """Well-formed reports whose numbers range over everything a number column may hold."""
+    pid = draw(st.sampled_from(["J-1", " J-1 ", "42"]))
+    rows = draw(
+        st.lists(
+            st.tuples(st.text(min_size=1, max_size=6), NUMBERS, NUMBERS, NUMBERS, NUMBERS).map(
+                lambda r: ",".join([pid, '"' + r[0].replace('"', '""') + '"', *r[1:], "mm"])
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    return "\n".join([HEADER.strip(), *rows]).encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def csv_reports(draw: st.DrawFn) -> bytes:
+    columns = draw(st.permutations(["process_id", "feature", "nominal", "measured", "lower_tol", "upper_tol", "unit"]))
+    columns = draw(st.one_of(st.just(columns), st.lists(st.sampled_from([*columns, "x", ""]), max_size=8)))
+    rows = draw(st.lists(st.lists(CELLS, min_size=max(len(columns) - 1, 0), max_size=len(columns) + 1), max_size=4))
+    lines = [",".join(columns), *(",".join(row) for row in rows)]
+    return draw(st.sampled_from(["\n", "\r\n"])).join(lines).encode("utf-8", "surrogatepass")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+FIELDS = ("process_id", "overall_score", "quality_scores", "defects", "measurements", "timestamp", "source")
+RAW = "\x00raw\x00"  # where a raw token goes in the encoded text
+
+
+@st.composite
+def json_reports(draw: st.DrawFn) -> bytes:
+    obj = draw(st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=5))
+    if draw(st.integers(0, 3)):
+        obj.setdefault("process_id", draw(st.text(max_size=6)))
+        obj.setdefault("overall_score", draw(st.floats() | st.integers()))
+    # Tokens a sloppy writer emits, placed as a value or anywhere; json.dumps itself writes NaN and Infinity.
+    raw = draw(st.sampled_from(["NaN", "-Infinity", "1e400", "9" * 5000, '"\\ud800"', "[" * 70 + "]" * 70]))
+    if draw(st.booleans()):
+        obj[draw(st.sampled_from(FIELDS))] = RAW
+    text = json.dumps(obj).replace(json.dumps(RAW), raw)
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.sampled_from([raw, ",", "}", '"'])) + text[at:]
+    return text.encode()
+
+
+@given(st.binary(max_size=300), st.sampled_from(["r.csv", "r.json"]))
+def test_any_bytes_give_a_result_or_a_located_refusal(data: bytes, name: str) -> None:
+    outcome(name, data)
+
+
+@given(csv_reports() | scored_csv_reports())
+def test_csv_reports_give_a_result_or_a_located_refusal(data: bytes) -> None:
+    outcome("fuzz.csv", data)
+
+
+@given(json_reports())
+def test_json_reports_give_a_result_or_a_located_refusal(data: bytes) -> None:
+    outcome("fuzz.json", data)
+
+
+def test_body_limit_is_the_outbox_body_size() -> None:
+    text = HEADER + "J,a,1,1,0,0,mm\n"
+    size = len(json_bytes(parse("s.csv", text)))
+    assert parse_report("s.csv", text.encode(), equipment_id="cmm-1", mtime_ns=MTIME_NS, max_result_bytes=size)
+    with pytest.raises(DataError) as info:
+        parse_report("s.csv", text.encode(), equipment_id="cmm-1", mtime_ns=MTIME_NS, max_result_bytes=size - 1)
+    assert str(info.value).startswith(f"s.csv: the quality result is {size} bytes as JSON")
+    assert f"max_body_bytes ({size - 1})" in str(info.value)
