@@ -1,18 +1,23 @@
-"""Serial 3D printers (Marlin) over USB: temperatures, SD-card prints, status and print commands.
+"""Serial 3D printers (Marlin) over USB: temperatures, prints, status and print commands.
 
 The line protocol (numbering, checksums, resends, timeouts) lives in `drivers.marlin`; this module
 knows what the printer's lines mean. The driver keeps the printer's state itself (what is printing,
 paused, or failed) from its own commands and the printer's reports, and refuses what the state does
-not allow. Cancel uses M524 when the firmware has it; otherwise it pauses the SD print and rewinds it
-(M25, M26 S0), which is how firmware without M524 abandons a print. Either way heaters go off.
+not allow. A print runs from the printer's SD card, or, for a file in `gcode_dir`, is streamed by the
+driver line by line through the same numbered, checksummed protocol. Cancel of an SD print uses M524
+when the firmware has it; otherwise it pauses the SD print and rewinds it (M25, M26 S0), which is how
+firmware without M524 abandons a print; a streamed print simply stops being sent. Either way heaters go off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
+import stat
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +49,10 @@ BUILTIN_TAGS = frozenset({"hotend_temp", "hotend_target", "bed_temp", "bed_targe
 KINDS = frozenset({"start_print", "pause", "resume", "cancel", "reset", "set_temperature", "gcode"})
 HEATERS = {"hotend": "M104", "bed": "M140"}
 _CURRENT_FILE = re.compile(r"^Current file:\s*(\S+)", re.IGNORECASE)
+# A streamed file is read whole before the print starts; a bigger one is refused.
+MAX_GCODE_BYTES = 64 * 1024 * 1024
+# Progress of a streamed print is reported in steps of this much (and at the end).
+_STREAM_PROGRESS_STEP = 0.005
 
 
 class SerialPrinterConnection(Model):
@@ -60,6 +69,8 @@ class SerialPrinterConnection(Model):
     long_command_timeout_s: float = Field(300.0, gt=0)
     handshake_timeout_s: float = Field(20.0, gt=0)
     max_line_bytes: int = Field(1024, ge=96)
+    max_in_flight: int = Field(1, ge=1, le=32)
+    gcode_dir: Path | None = None
 
     @field_validator("process_id_pattern")
     @classmethod
@@ -91,6 +102,18 @@ class _Job:
     paused: bool = False
     progress: float | None = None
     position: int | None = None
+    streamed: bool = False
+
+
+@dataclass
+class _Stream:
+    """A print streamed from `gcode_dir`: its lines, how many the printer acknowledged, the pause gate."""
+
+    job: _Job
+    lines: list[str]
+    go: asyncio.Event
+    acked: int = 0
+    task: asyncio.Task[None] | None = None
 
 
 class _Down:
@@ -122,6 +145,7 @@ class SerialPrinterDriver(Driver):
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._poller: asyncio.Task[None] | None = None
         self._file_query: asyncio.Task[None] | None = None
+        self._stream: _Stream | None = None
         self._command_lock = asyncio.Lock()
         self._ready = False
         # What the printer is doing; kept across reconnects (an SD print goes on without the host).
@@ -140,15 +164,26 @@ class SerialPrinterDriver(Driver):
 
     @property
     def line_stats(self) -> dict[str, int]:
-        """Resend requests and skipped (garbled, overlong) lines seen on the current connection."""
+        """Resend requests, lines written again, skipped (garbled, overlong) and stale lines, on this connection."""
         link = self._link
-        return {"resends": link.resends, "skipped_lines": link.skipped_lines} if link else {}
+        if link is None:
+            return {}
+        return {
+            "resends": link.resends,
+            "lines_resent": link.lines_resent,
+            "skipped_lines": link.skipped_lines,
+            "stale_lines": link.stale_lines,
+            "waits": link.waits,
+        }
 
     # -- config hooks
 
     @classmethod
     def check_equipment(cls, equipment: EquipmentConfig) -> list[tuple[tuple[str | int, ...], str]]:
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        folder = equipment.connection.gcode_dir
+        if folder is not None and folder.exists() and not folder.is_dir():
+            problems.append((("connection", "gcode_dir"), f"{folder} is not a folder"))
         for j, tag in enumerate(equipment.tags):
             if tag.name not in BUILTIN_TAGS:
                 known = ", ".join(sorted(BUILTIN_TAGS))
@@ -163,10 +198,8 @@ class SerialPrinterDriver(Driver):
             if not lines:
                 problems.append((where, 'kind = "gcode" needs a gcode text with at least one command'))
             for line in lines:
-                if not line.isascii() or "*" in line:
-                    problems.append((where, f"line {line!r}: only ASCII and no '*' (the checksum mark)"))
-                elif command_code(line) == "M110" or re.match(r"[Nn]\d", line):
-                    problems.append((where, f"line {line!r}: line numbering belongs to the driver"))
+                if (problem := _line_problem(line)) is not None:
+                    problems.append((where, f"line {line!r}: {problem}"))
         return problems
 
     @classmethod
@@ -232,6 +265,7 @@ class SerialPrinterDriver(Driver):
             ok_timeout_s=self.conn.ok_timeout_s,
             long_timeout_s=self.conn.long_command_timeout_s,
             max_line_bytes=self.conn.max_line_bytes,
+            max_in_flight=self.conn.max_in_flight,
             name=self.equipment.id,
             count=self._count_error,
         )
@@ -252,6 +286,13 @@ class SerialPrinterDriver(Driver):
 
     async def close(self) -> None:
         self._ready = False
+        stream = self._stream
+        if stream is not None:
+            await self._stop_stream(stream)
+            if self._job is stream.job:
+                # The printer runs out of lines: the print is lost with the connection.
+                self._error = self._error or f"the agent closed the line during the print of {stream.job.file}"
+                self._end_job("failed")
         for task in (self._poller, self._file_query):
             if task is not None:
                 task.cancel()
@@ -296,6 +337,8 @@ class SerialPrinterDriver(Driver):
 
     async def _sync_state(self, link: MarlinLink) -> None:
         """Learn what the printer is doing now (it may have printed on while we were away)."""
+        if self._job is not None and self._job.streamed:
+            return  # the driver's own stream: the SD card knows nothing of it
         file = _current_file(await link.send("M27 C"))
         progress = None
         for line in await link.send("M27"):
@@ -378,6 +421,8 @@ class SerialPrinterDriver(Driver):
     def _on_sd_progress(self, position: int, total: int) -> None:
         previous, self._last_sd_position = self._last_sd_position, position
         job = self._job
+        if job is not None and job.streamed:
+            return
         if job is None:
             # A print we did not start (the printer's own panel): believe it once the position moves.
             if self._error is None and previous is not None and position > previous:
@@ -395,7 +440,7 @@ class SerialPrinterDriver(Driver):
     def _on_print_done(self) -> None:
         self._last_sd_position = None
         job = self._job
-        if job is None:
+        if job is None or job.streamed:
             return
         job.progress = 1.0
         job.paused = False
@@ -407,7 +452,7 @@ class SerialPrinterDriver(Driver):
 
     def _on_not_printing(self) -> None:
         self._last_sd_position = None
-        if self._job is not None:
+        if self._job is not None and not self._job.streamed:
             job = self._end_job("failed" if self._error is not None else "ended")
             self.log.info("print_ended", file=job.file, process_id=job.process_id, progress=job.progress)
             self._emit_status()
@@ -427,6 +472,8 @@ class SerialPrinterDriver(Driver):
             self._error = message
             self.log.warning("printer_error", message=message)
             DRIVER_ERRORS.labels(self.equipment.id, "firmware").inc()
+            if self._job is not None and self._job.streamed:
+                self._end_job("failed")  # a stopped printer takes no more lines: the stream ends
             self._emit_status()
 
     def _on_board_reset(self) -> None:
@@ -445,6 +492,9 @@ class SerialPrinterDriver(Driver):
         job = self._job
         assert job is not None
         self._job = None
+        stream = self._stream
+        if stream is not None and stream.job is job:
+            stream.go.set()  # a paused stream wakes up to see that its job is over
         self._last_print = {
             "file": job.file,
             "process_id": job.process_id,
@@ -555,10 +605,14 @@ class SerialPrinterDriver(Driver):
             state = "paused" if self._job.paused else "printing"
             what = self._job.file or "an SD file"
             raise CommandError(f"cannot start {file!r}: the printer is {state} {what}", "busy", 409)
+        path = self._gcode_path(file)
+        if path is not None:
+            return await self._start_stream(link, file, path)
         lines = await link.send(f"M23 {file}")
         failure = command_failure(lines)
         if failure is not None:
-            return CommandResult(False, f"the printer cannot open {file!r}: {failure}", {"reason": "device"})
+            where = " (it is not in gcode_dir either)" if self.conn.gcode_dir is not None else ""
+            return CommandResult(False, f"the printer cannot open {file!r}{where}: {failure}", {"reason": "device"})
         job = _Job(file=file, process_id=self._process_id(file), progress=0.0, position=0)
 
         def started(answer: list[str]) -> None:
@@ -580,6 +634,12 @@ class SerialPrinterDriver(Driver):
             raise CommandError("nothing to pause: the printer is not printing", "state", 409)
         if job.paused:
             return CommandResult(True, f"{job.file} is already paused")
+        if self._stream is not None and self._stream.job is job:
+            # No more lines go out; the printer finishes the few it has.
+            self._stream.go.clear()
+            job.paused = True
+            self._emit_status()
+            return CommandResult(True, f"paused {job.file}")
 
         def paused(answer: list[str]) -> None:
             if self._job is job and command_failure(answer) is None:
@@ -599,6 +659,11 @@ class SerialPrinterDriver(Driver):
         # M24 on an idle printer would start whatever file is selected: only a paused print resumes.
         if job is None or not job.paused:
             raise CommandError("nothing to resume: no print is paused", "state", 409)
+        if self._stream is not None and self._stream.job is job:
+            job.paused = False
+            self._stream.go.set()
+            self._emit_status()
+            return CommandResult(True, f"resumed {job.file}")
 
         def resumed(answer: list[str]) -> None:
             if self._job is job and command_failure(answer) is None:
@@ -612,6 +677,18 @@ class SerialPrinterDriver(Driver):
 
     async def _cmd_cancel(self, link: MarlinLink, command: CommandBase, params: dict[str, Any]) -> CommandResult:
         job = self._job
+        stream = self._stream
+        if job is not None and stream is not None and stream.job is job:
+            await self._stop_stream(stream)
+            if self._job is job:
+                self._end_job("cancelled")
+                self._emit_status()
+            for heater in HEATERS.values():
+                await link.send(f"{heater} S0")
+            self.log.info("print_cancelled", file=job.file, process_id=job.process_id, method="stream")
+            return CommandResult(
+                True, f"cancelled {job.file}; heaters off", {"method": "stream", "lines_done": stream.acked}
+            )
 
         def cancelled(answer: list[str]) -> None:
             if command_failure(answer) is None and job is not None and self._job is job:
@@ -651,6 +728,101 @@ class SerialPrinterDriver(Driver):
             self.log.info("printer_error_cleared", message=error)
         return CommandResult(True, "reset" + (f" (cleared: {error})" if error else ""))
 
+    # -- prints streamed from gcode_dir
+
+    def _gcode_path(self, file: str) -> Path | None:
+        """The file in `gcode_dir` that `file` names, or None for an SD print (no folder, a path, no such file).
+
+        Raises CommandError for an entry there that is no regular file inside the folder (a link out of it)."""
+        folder = self.conn.gcode_dir
+        if folder is None or file in (".", "..") or any(c in file for c in "/\\\0"):
+            return None
+        candidate = folder / file
+        try:
+            os.lstat(candidate)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise CommandError(f"cannot read {file!r} in gcode_dir: {err.strerror}", "bad_parameters") from None
+        try:
+            real = candidate.resolve(strict=True)
+            inside = real.parent == folder.resolve(strict=True)
+            regular = stat.S_ISREG(real.stat().st_mode)
+        except OSError:
+            inside = regular = False
+        if not inside:
+            raise CommandError(f"{file!r} in gcode_dir leads out of the folder; it is not printed", "bad_parameters")
+        if not regular:
+            raise CommandError(f"{file!r} in gcode_dir is not a regular file", "bad_parameters")
+        return candidate
+
+    async def _start_stream(self, link: MarlinLink, file: str, path: Path) -> CommandResult:
+        try:
+            lines = await asyncio.to_thread(_read_gcode, path)
+        except (OSError, ValueError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            return CommandResult(False, f"cannot print {file!r}: {reason}", {"reason": "bad_file"})
+        job = _Job(file=file, process_id=self._process_id(file), progress=0.0, position=0, streamed=True)
+        stream = _Stream(job, lines, asyncio.Event())
+        stream.go.set()
+        self._job = job
+        self._stream = stream
+        self._put(Reading("progress", 0.0, utcnow()))
+        self._emit_status()
+        stream.task = asyncio.create_task(self._run_stream(link, stream), name=f"printer-stream[{self.equipment.id}]")
+        self.log.info("print_started", file=file, process_id=job.process_id, streamed=True, lines=len(lines))
+        return CommandResult(
+            True, f"printing {file}", {"file": file, "process_id": job.process_id, "lines": len(lines)}
+        )
+
+    async def _run_stream(self, link: MarlinLink, stream: _Stream) -> None:
+        """Send the file's lines, at most `max_in_flight` unanswered; progress = lines acknowledged / lines."""
+        job = stream.job
+        total = len(stream.lines)
+        waiting: deque[asyncio.Future[list[str]]] = deque()
+
+        def acked(answer: list[str]) -> None:
+            stream.acked += 1
+            if self._job is not job:
+                return
+            progress = _fraction(stream.acked, total)
+            if stream.acked == total or progress - (job.progress or 0.0) >= _STREAM_PROGRESS_STEP:
+                job.progress = progress
+                self._put(Reading("progress", progress, utcnow()))
+                self._emit_status()
+
+        try:
+            for line in stream.lines:
+                await stream.go.wait()
+                if self._job is not job:
+                    return  # cancelled, or the printer stopped with an error
+                while len(waiting) >= self.conn.max_in_flight:
+                    await waiting.popleft()
+                waiting.append(link.submit(line, on_ok=acked))
+            while waiting:
+                await waiting.popleft()
+        except ConnectionError as err:
+            if self._job is job:
+                self._error = self._error or f"the serial line was lost during the print of {job.file}: {err}"
+                self.log.warning("print_stream_lost", file=job.file, lines_done=stream.acked, lines=total)
+                self._end_job("failed")
+            return
+        finally:
+            if self._stream is stream:
+                self._stream = None
+        if self._job is job:
+            self._end_job("completed")
+            self.log.info("print_finished", file=job.file, process_id=job.process_id, streamed=True)
+            self._emit_status()
+
+    async def _stop_stream(self, stream: _Stream) -> None:
+        task = stream.task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._stream is stream:
+            self._stream = None
+
     async def _cmd_set_temperature(
         self, link: MarlinLink, command: CommandBase, params: dict[str, Any]
     ) -> CommandResult:
@@ -672,6 +844,32 @@ class SerialPrinterDriver(Driver):
                 data = {"reason": "device", "lines_done": i, "response": answer[-50:]}
                 return CommandResult(False, f"line {i + 1} ({line!r}) failed: {failure}", data)
         return CommandResult(True, f"{len(lines)} line(s) done", {"lines_done": len(lines), "response": answer[-50:]})
+
+
+def _line_problem(line: str) -> str | None:
+    """Why a G-code line cannot be sent as it is (the driver numbers and checksums lines itself), or None."""
+    if not line.isascii() or "*" in line:
+        return "only ASCII and no '*' (the checksum mark)"
+    if command_code(line) == "M110" or re.match(r"[Nn]\d", line):
+        return "line numbering belongs to the driver"
+    return None
+
+
+def _read_gcode(path: Path) -> list[str]:
+    """The commands of a G-code file to stream; ValueError naming the first line that cannot be sent."""
+    with path.open("rb") as f:
+        data = f.read(MAX_GCODE_BYTES + 1)
+    if len(data) > MAX_GCODE_BYTES:
+        raise ValueError(f"larger than {MAX_GCODE_BYTES} bytes")
+    lines: list[str] = []
+    for number, raw in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
+        for line in gcode_lines(raw):
+            if (problem := _line_problem(line)) is not None:
+                raise ValueError(f"line {number} ({line[:40]!r}): {problem}")
+            lines.append(line)
+    if not lines:
+        raise ValueError("no G-code commands in it")
+    return lines
 
 
 def _current_file(lines: list[str]) -> str | None:

@@ -1,10 +1,12 @@
 """A virtual Marlin 3D printer that speaks the host protocol over a pty.
 
 It answers the handshake and M115 (with `Cap:` lines), heats towards its targets, prints files from a
-virtual SD card with progress, checks line numbers and checksums (asking for resends), and can be told
-to fail: a thermal runaway, a rate of lines rejected as garbled, garbage on the wire, a board reset, or
-silence. `simulate()` serves it on a pty of its own, linked at the configured `serial_port`; tests can
-put it on one end of a `socat` pty pair with `serve_path()`.
+virtual SD card with progress, runs streamed moves in simulated time, checks line numbers and checksums
+(asking for resends), and can be told to fail: a thermal runaway, a rate of lines rejected as garbled
+(or one line in N, optionally reported twice), garbage on the wire, a board reset, silence, `wait` while
+idle, or the previous session's answers still coming after the host reopened the line. `simulate()`
+serves it on a pty of its own, linked at the configured `serial_port`; tests can put it on one end of a
+`socat` pty pair with `serve_path()`. It shares no code with the driver: it is the driver's oracle.
 
 Faults leave the printer in Marlin's "stopped" state, which M999 clears (a real Marlin may instead halt
 until power-cycled after some faults; the host sees the same error lines either way).
@@ -121,6 +123,11 @@ class VirtualPrinter:
         firmware_name: str = "Marlin 2.1.2.1 (edge-agent virtual printer)",
         seed: int | None = None,
         tick_s: float = 0.1,
+        corrupt_every: int = 0,
+        duplicate_resends: bool = False,
+        stale_after_reopen_s: float = 0.0,
+        wait_when_idle_s: float = 0.0,
+        move_speed_factor: float = 1.0,
     ) -> None:
         self.files = dict(DEFAULT_FILES if files is None else files)
         self.print_rate = print_rate_bytes_s
@@ -137,10 +144,28 @@ class VirtualPrinter:
         self.firmware_name = firmware_name
         self.tick_s = tick_s
         self.rng = random.Random(seed)
+        # One numbered line in `corrupt_every` arrives garbled; `duplicate_resends` reports each garbled line
+        # twice, as Marlin often does.
+        self.corrupt_every = corrupt_every
+        self.duplicate_resends = duplicate_resends
+        # A hello (M110) while the previous session's numbering runs: its answers go on for this long first.
+        self.stale_after_reopen_s = stale_after_reopen_s
+        self.wait_when_idle_s = wait_when_idle_s
+        # Streamed moves take distance / feed rate, divided by this.
+        self.move_speed_factor = move_speed_factor
         # Observable by tests.
         self.executed: list[str] = []
         self.received = 0
         self.rejected = 0
+        self.corrupted = 0  # lines garbled on purpose (corrupt_every or reject_rate)
+        self.retransmitted = 0  # numbered lines received again (a number not above the highest seen)
+        self.epoch_corrupted = 0  # the same two, since the last M110 (a session's own count)
+        self.epoch_retransmitted = 0
+        self.hellos = 0
+        self.stale_bursts = 0
+        self.waits_sent = 0
+        self.max_unanswered = 0  # most lines received at once and not yet answered with their `ok`
+        self.moves = 0
         self.attached = asyncio.Event()
         # Machine state.
         self.hotend = Heater(ambient_c)
@@ -158,6 +183,16 @@ class VirtualPrinter:
         self.sd_interval = 0.0
         self._next_temp = 0.0
         self._next_sd = 0.0
+        self._highest_seen = 0
+        self._previous_last_n = 0
+        self._relative = False
+        self._numbered_seen = 0
+        self._unanswered = 0
+        self._last_input = time.monotonic()
+        self._next_wait = 0.0
+        self._busy_now = False
+        self._axes = {"X": 0.0, "Y": 0.0, "Z": 0.0, "E": 0.0}
+        self._feed_mm_s = 50.0
         self._fd: int | None = None
         self._outbuf = bytearray()
         self._inbuf = bytearray()
@@ -239,6 +274,9 @@ class VirtualPrinter:
             raw = bytes(self._inbuf[:i]).strip(b"\r ")
             del self._inbuf[: i + 1]
             if raw:
+                self._last_input = time.monotonic()
+                self._unanswered += 1
+                self.max_unanswered = max(self.max_unanswered, self._unanswered)
                 self._lines.put_nowait(raw.decode("ascii", "replace"))
         if len(self._inbuf) > _MAX_INPUT_LINE:
             self._inbuf.clear()
@@ -380,6 +418,20 @@ class VirtualPrinter:
             if self.sd_interval and now >= self._next_sd:
                 self._next_sd = now + self.sd_interval
                 self.say(self._sd_status())
+            if self._waiting_idle(now):
+                self._next_wait = now + self.wait_when_idle_s
+                self.waits_sent += 1
+                self.say("wait")
+
+    def _waiting_idle(self, now: float) -> bool:
+        """Marlin says `wait` when its queue is empty and no line came for a while."""
+        return (
+            self.wait_when_idle_s > 0
+            and not self._busy_now
+            and self._lines.empty()
+            and now - self._last_input >= self.wait_when_idle_s
+            and now >= self._next_wait
+        )
 
     def _temperatures(self) -> str:
         h, b = self.hotend, self.bed
@@ -398,9 +450,15 @@ class VirtualPrinter:
             if self.frozen:
                 continue
             self.received += 1
-            command = self._accept(line)
-            if command is not None:
-                await self._execute(command)
+            self._busy_now = True
+            try:
+                command = self._accept(line)
+                if command is not None:
+                    await self._execute(command)
+            finally:
+                # Every line gets exactly one `ok` (its answer or its rejection's), so it is answered now.
+                self._busy_now = False
+                self._unanswered = max(0, self._unanswered - 1)
 
     def _accept(self, line: str) -> str | None:
         """Check line number and checksum; the command to run, or None after asking for a resend."""
@@ -411,19 +469,32 @@ class VirtualPrinter:
             self._reject(f"Format error, Last Line: {self.last_n}")
             return None
         number, body, given = int(m.group(1)), m.group(2), m.group(3)
+        hello = _code(body) == "M110"
+        if not hello:
+            if number <= self._highest_seen:
+                self.retransmitted += 1
+                self.epoch_retransmitted += 1
+            self._highest_seen = max(self._highest_seen, number)
         if given is None:
             self._reject(f"No Checksum with line number, Last Line: {self.last_n}")
             return None
         if _checksum(line[: line.rindex("*")]) != int(given):
             self._reject(f"checksum mismatch, Last Line: {self.last_n}")
             return None
-        if self.reject_rate and self.rng.random() < self.reject_rate:
+        self._numbered_seen += 1
+        garbled = self.corrupt_every > 0 and self._numbered_seen % self.corrupt_every == 0
+        if garbled or (self.reject_rate and self.rng.random() < self.reject_rate):
             # As if a byte had been garbled on the wire.
-            self._reject(f"checksum mismatch, Last Line: {self.last_n}")
+            self.corrupted += 1
+            self.epoch_corrupted += 1
+            self._reject(f"checksum mismatch, Last Line: {self.last_n}", twice=self.duplicate_resends)
             return None
-        if _code(body) == "M110":
+        if hello:
+            self._previous_last_n = self.last_n
             new = _param(body[4:], "N")
             self.last_n = int(new) if new is not None else number
+            self._highest_seen = self.last_n
+            self.epoch_corrupted = self.epoch_retransmitted = 0
         elif number != self.last_n + 1:
             self._reject(f"Line Number is not Last Line Number+1, Last Line: {self.last_n}")
             return None
@@ -431,13 +502,16 @@ class VirtualPrinter:
             self.last_n = number
         return body
 
-    def _reject(self, message: str) -> None:
+    def _reject(self, message: str, *, twice: bool = False) -> None:
         self.rejected += 1
-        self.say(f"Error:{message}", f"Resend: {self.last_n + 1}", "ok")
+        for _ in range(2 if twice else 1):
+            self.say(f"Error:{message}", f"Resend: {self.last_n + 1}", "ok")
 
     async def _execute(self, command: str) -> None:
         code = _code(command)
         args = command[len(command.split(" ", 1)[0]) :].strip()
+        if code == "M110" and self.stale_after_reopen_s > 0 and self._previous_last_n > 1:
+            await self._answer_previous_session(self._previous_last_n)
         if self.stopped is not None and code not in _ALLOWED_WHEN_STOPPED:
             self.say(f"Error:{STOPPED_MESSAGE}", "ok")
             return
@@ -447,7 +521,8 @@ class VirtualPrinter:
         handler = getattr(self, f"_do_{code}", None)
         if handler is not None:
             await handler(args)
-        elif code in ("G0", "G1", "G90", "G91", "G92", "M82", "M83", "M84", "M18", "M106", "M107", "M117", "M400"):
+        elif code in ("G90", "G91", "M82", "M83", "M84", "M18", "M106", "M107", "M117", "M400"):
+            self._relative = code == "G91" if code in ("G90", "G91") else self._relative
             self.say("ok")
         else:
             self.say(f'echo:Unknown command: "{command}"', "ok")
@@ -469,7 +544,35 @@ class VirtualPrinter:
             self.say(f" {self._temperatures()} W:?")
 
     async def _do_M110(self, args: str) -> None:
+        self.hellos += 1
         self.say("ok")
+
+    async def _answer_previous_session(self, last_n: int) -> None:
+        """Before a new session's hello: the old session's lines, still in the buffers, get their answers."""
+        self.stale_bursts += 1
+        end = time.monotonic() + self.stale_after_reopen_s
+        n = last_n
+        while time.monotonic() < end:
+            n += 1
+            self.say(
+                "ok",
+                f"Error:Line Number is not Last Line Number+1, Last Line: {last_n}",
+                f"Resend: {last_n + 1}",
+                "ok",
+                "echo:busy: processing",
+                f"ok T:{self.hotend.temp:.2f} /{self.hotend.target:.2f}",
+                "wait",
+            )
+            await asyncio.sleep(0.05)
+
+    async def _do_M118(self, args: str) -> None:
+        text = args
+        prefix = ""
+        while m := re.match(r"^([AEP])(\d)\s*", text):
+            if m.group(1) == "E" and m.group(2) == "1":
+                prefix = "echo:"
+            text = text[m.end() :]
+        self.say(prefix + text, "ok")
 
     async def _do_M115(self, args: str) -> None:
         self.say(
@@ -559,6 +662,36 @@ class VirtualPrinter:
     async def _do_M190(self, args: str) -> None:
         self.bed.target = max(0.0, _param(args, "S") or _param(args, "R") or 0.0)
         await self._wait_heat(self.bed)
+        self.say("ok")
+
+    async def _do_G0(self, args: str) -> None:
+        await self._do_G1(args)
+
+    async def _do_G1(self, args: str) -> None:
+        """A move: it takes its distance over the feed rate (scaled), saying busy if that is long."""
+        feed = _param(args, "F")
+        if feed is not None and feed > 0:
+            self._feed_mm_s = feed / 60.0
+        squared = 0.0
+        for axis, now in self._axes.items():
+            value = _param(args, axis)
+            if value is None:
+                continue
+            target = now + value if self._relative else value
+            if axis != "E":
+                squared += (target - now) ** 2
+            self._axes[axis] = target
+        self.moves += 1
+        seconds = squared**0.5 / self._feed_mm_s / self.move_speed_factor
+        if seconds > 0:
+            await self._busy(seconds)
+        self.say("ok")
+
+    async def _do_G92(self, args: str) -> None:
+        for axis in self._axes:
+            value = _param(args, axis)
+            if value is not None:
+                self._axes[axis] = value
         self.say("ok")
 
     async def _do_G28(self, args: str) -> None:

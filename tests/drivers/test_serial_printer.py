@@ -202,7 +202,9 @@ async def test_handshake_identity_and_temperatures(rig: Rig) -> None:
         assert driver.firmware is not None and driver.firmware.startswith("Marlin")
         assert driver.machine_type == "Virtual Printer"
         assert driver.capabilities["AUTOREPORT_TEMP"] and driver.capabilities["AUTOREPORT_SD_STATUS"]
-        assert printer.executed[:2] == ["M110 N0", "M115"]
+        # The handshake: hello, the resync marker (the driver's own token), then the identification.
+        assert printer.executed[0] == "M110 N0" and printer.executed[1].startswith("M118 E1 edge-agent-sync ")
+        assert printer.executed[2] == "M115"
         assert "M155 S1" in printer.executed and "M27 S1" in printer.executed
 
         idle = await events.status("idle")
