@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from drivers.sdk.handle import set_metrics_factory
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # drivers
@@ -111,3 +113,34 @@ MPM_CREDENTIALS_REFUSED = Counter(
     ["status"],
     registry=REGISTRY,
 )
+
+
+class PrometheusDriverMetrics:
+    """The driver SDK's metrics handle, labelled with the equipment's id."""
+
+    def __init__(self, equipment_id: str) -> None:
+        self.reads = DRIVER_READS.labels(equipment_id)
+        self.values = DRIVER_VALUES.labels(equipment_id)
+        self.latency = DRIVER_LATENCY.labels(equipment_id)
+        self.dropped_total = DRIVER_DROPPED.labels(equipment_id)
+        self.skipped = DRIVER_SKIPPED_TICKS.labels(equipment_id)
+        self.equipment_id = equipment_id
+
+    def read(self, values: int = 0, seconds: float | None = None) -> None:
+        self.reads.inc()
+        if values:
+            self.values.inc(values)
+        if seconds is not None:
+            self.latency.observe(seconds)
+
+    def error(self, kind: str, count: int = 1) -> None:
+        DRIVER_ERRORS.labels(self.equipment_id, kind).inc(count)
+
+    def dropped(self, count: int) -> None:
+        self.dropped_total.inc(count)
+
+    def skipped_ticks(self, count: int) -> None:
+        self.skipped.inc(count)
+
+
+set_metrics_factory(PrometheusDriverMetrics)

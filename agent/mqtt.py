@@ -35,6 +35,7 @@ from agent.waits import wait_event
 log = structlog.get_logger("edge_agent.mqtt")
 
 WINDOW = 200  # messages handed to paho and not yet acknowledged
+LIVE_RESERVE = 50  # of the window, never filled by the replay: live traffic never waits for its acks
 FETCH = 1000  # messages read ahead from the store at a time
 # Acknowledged messages leave the store in batches: at most DELETE_BATCH, at the latest DELETE_DELAY_S after
 # the first (a message acknowledged but not yet deleted goes out again after a crash: a duplicate, not a loss).
@@ -317,7 +318,7 @@ class MqttSink:
                 # Live first: the backlog only fills what live traffic leaves of the window, at its pace.
                 msg = self._live.next(self.store)
                 if msg is None:
-                    if self._replay.done or not self._may_replay():
+                    if self._replay.done or room <= LIVE_RESERVE or not self._may_replay():
                         break
                     msg = self._replay.next(self.store)
                     if msg is None:

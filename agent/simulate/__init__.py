@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import ipaddress
 import signal
 from collections.abc import Callable, Coroutine
@@ -17,17 +16,9 @@ import structlog
 from agent.config import AgentConfig, EquipmentConfig, load_config
 from agent.errors import ConfigError
 from agent.logging import configure as configure_logging
+from drivers.sdk.registry import get_simulator
 
 log = structlog.get_logger("edge_agent.simulate")
-
-# driver name -> module with `async def simulate(equipment, state_dir)`
-SIMULATORS = {
-    "opcua": "agent.simulate.opcua_sim",
-    "modbus": "agent.simulate.modbus_sim",
-    "serial_printer": "agent.simulate.printer_sim",
-    "file_drop": "agent.simulate.file_drop_sim",
-}
-
 
 def _is_loopback(url: str) -> bool:
     host = urlsplit(url).hostname or ""
@@ -43,12 +34,11 @@ def simulators_for(cfg: AgentConfig) -> list[tuple[str, Callable[[], Coroutine[A
     """(name, coroutine factory) for every peer this config needs."""
     out: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = []
     for eq in cfg.equipment:
-        mod_name = SIMULATORS.get(eq.driver)
-        if mod_name is None:
+        simulate = get_simulator(eq.driver)
+        if simulate is None:
             log.warning("no_simulator", equipment_id=eq.id, driver=eq.driver)
             continue
-        mod = importlib.import_module(mod_name)
-        out.append((f"sim[{eq.id}]", _bind(mod.simulate, eq, cfg.agent.state_dir)))
+        out.append((f"sim[{eq.id}]", _bind(simulate, eq, cfg.agent.state_dir)))
     if cfg.mpm is not None and _is_loopback(cfg.mpm.base_url):
         from agent.simulate.mpm_emulator import simulate_mpm
 
