@@ -29,6 +29,7 @@ from agent.errors import CommandError, RejectedError, TransientError
 from agent.model import CommandResult, iso, json_safe, parse_iso, utcnow
 from agent.monitor import Sink
 from agent.mqtt import Incoming
+from agent.topics import topics_for
 from drivers.base import Driver
 from drivers.registry import get_driver
 
@@ -200,12 +201,12 @@ class CommandRouter:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle_mqtt(self, msg: Incoming) -> None:
-        root = self.cfg.root_topic
-        parts = msg.topic[len(root) + 1 :].split("/") if msg.topic.startswith(root + "/") else []
-        if len(parts) != 4 or parts[0] != "equipment" or parts[2] != "cmd":
+        topics = topics_for(self.cfg)
+        target = topics.parse_command(msg.topic)
+        if target is None:
             log.warning("command_topic_unknown", topic=msg.topic)
             return
-        req = _Request(parts[1], parts[3], msg, response_topic_problem(msg.response_topic, root))
+        req = _Request(target[0], target[1], msg, response_topic_problem(msg.response_topic, topics.root))
         try:
             await self._serve_mqtt(req)
         except Exception as err:
@@ -312,7 +313,7 @@ class CommandRouter:
         return eid, name if eq.command(name) is not None else "_unknown"
 
     def _publish(self, req: _Request, body: dict[str, Any]) -> None:
-        topic = f"{self.cfg.root_topic}/equipment/{req.eid}/cmd/{req.name}/result"
+        topic = topics_for(self.cfg).command_result(req.eid, req.name)
         reply_to = req.msg.response_topic
         if req.reply_problem is not None:
             reply_to = None

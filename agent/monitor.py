@@ -34,6 +34,7 @@ from agent.model import (
     json_safe,
     utcnow,
 )
+from agent.topics import topics_for
 from agent.waits import wait_event
 
 log = structlog.get_logger("edge_agent.monitor")
@@ -203,7 +204,7 @@ class Monitor:
         self.cfg = cfg
         if stale_defaults:
             self._stale_defaults.update(stale_defaults)
-        self._root = cfg.root_topic
+        self._topics = topics_for(cfg)
         self._qos = cfg.mqtt.qos
         seen = set()
         for eq in cfg.equipment:
@@ -426,7 +427,7 @@ class Monitor:
         payload["mpm_delivery"] = delivery
         payload["idempotency_key"] = key
         payload.update(extra)
-        self.store.append("quality", f"{self._root}/equipment/{eid}/quality", payload, 1, False)
+        self.store.append("quality", self._topics.equipment(eid, "quality"), payload, 1, False)
 
     # -- status
 
@@ -507,7 +508,7 @@ class Monitor:
 
     def _publish_status(self, st: EquipmentState) -> None:
         st.published_at = self._time()
-        self.store.append("status", f"{self._root}/equipment/{st.cfg.id}/status", st.status.to_dict(), 1, True)
+        self.store.append("status", self._topics.equipment(st.cfg.id, "status"), st.status.to_dict(), 1, True)
 
     def republish_statuses(self) -> None:
         """Every current status again (after a reconnect, on rebirth)."""
@@ -550,7 +551,7 @@ class Monitor:
             "process_id": st.status.process_id,
             "timestamp": iso(r.ts),
         }
-        self.store.append("alert", f"{self._root}/equipment/{st.cfg.id}/alerts", payload, 1, False)
+        self.store.append("alert", self._topics.equipment(st.cfg.id, "alerts"), payload, 1, False)
         log.info("alert", equipment_id=st.cfg.id, alert_id=alert_id, tag=a.tag, state=state, severity=a.severity)
 
     # -- periodic work
@@ -617,7 +618,7 @@ class Monitor:
             pending, st.pending = st.pending, []
             count += len(pending)
             metrics.TELEMETRY_VALUES.labels(st.cfg.id).inc(len(pending))
-            topic = f"{self._root}/equipment/{st.cfg.id}/telemetry"
+            topic = self._topics.equipment(st.cfg.id, "telemetry")
             head = f'{{"equipment_id":{json.dumps(st.cfg.id)},"timestamp":"{iso(utcnow())}","values":['
             for i in range(0, len(pending), MAX_VALUES_PER_MESSAGE):
                 body = head + ",".join(pending[i : i + MAX_VALUES_PER_MESSAGE]) + "]"

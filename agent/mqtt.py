@@ -25,11 +25,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent import metrics
+from agent import metrics, topics
 from agent.config import AgentConfig
 from agent.ratelimit import TokenBucket
 from agent.reconnect import Backoff, Transitions
 from agent.store import Store, StoredMessage, dumps
+from agent.topics import topics_for
 from agent.waits import wait_event
 
 log = structlog.get_logger("edge_agent.mqtt")
@@ -78,7 +79,7 @@ class MqttSink:
         self.started_at = started_at
         self._on_connected = on_connected
         self._on_message = on_message
-        self.root = cfg.root_topic
+        self.topics = topics_for(cfg)
         self.connected = False
         self.down_since: float | None = time.monotonic()
         self.last_error: str | None = None
@@ -180,8 +181,7 @@ class MqttSink:
             if m.cert_file:
                 ctx.load_cert_chain(str(m.cert_file), str(m.key_file) if m.key_file else None)
             client.tls_set_context(ctx)
-        offline = {"online": False, "agent_id": self.cfg.agent.id, "site": self.cfg.agent.site, "session": self.session}
-        client.will_set(f"{self.root}/state", dumps(offline), qos=1, retain=True)
+        client.will_set(self.topics.state, dumps(self._offline()), qos=1, retain=True)
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)
         client.on_connect = self._cb_connect
@@ -198,14 +198,11 @@ class MqttSink:
 
     def birth(self) -> dict[str, Any]:
         """The retained `R/state` birth payload."""
-        return {
-            "online": True,
-            "agent_id": self.cfg.agent.id,
-            "site": self.cfg.agent.site,
-            "version": self.version,
-            "started_at": self.started_at,
-            "session": self.session,
-        }
+        a = self.cfg.agent
+        return topics.birth(a.id, a.site, self.version, self.started_at, self.session)
+
+    def _offline(self) -> dict[str, Any]:
+        return topics.offline(self.cfg.agent.id, self.cfg.agent.site, self.session)
 
     def request_stop(self) -> None:
         """Drain within the grace period, publish the offline state, disconnect; `run` then returns."""
@@ -275,12 +272,12 @@ class MqttSink:
         self._pace = TokenBucket(rate, burst=max(1.0, rate / 10)) if rate > 0 and self._replay_upto else None
         if self._replay_upto:
             log.info("mqtt_replay", messages=self.store.depth, max_per_s=rate or None)
-        client.publish(f"{self.root}/state", dumps(self.birth()), qos=1, retain=True)
+        client.publish(self.topics.state, dumps(self.birth()), qos=1, retain=True)
         # retainAsPublished: a request published with retain is recognised (and refused) even when live.
         opts = SubscribeOptions(qos=1, retainAsPublished=True)
-        topics = [(f"{self.root}/cmd/rebirth", opts)]
+        topics = [(self.topics.rebirth, opts)]
         if m.commands_enabled:
-            topics.append((f"{self.root}/equipment/+/cmd/+", opts))
+            topics.append((self.topics.commands, opts))
         client.subscribe(topics)
         self._on_connected()
         try:
@@ -348,8 +345,7 @@ class MqttSink:
 
     async def _goodbye(self, client: paho.Client) -> None:
         """The clean stop: the retained offline state (the will is not sent on a normal disconnect)."""
-        offline = {"online": False, "agent_id": self.cfg.agent.id, "site": self.cfg.agent.site, "session": self.session}
-        info = client.publish(f"{self.root}/state", dumps(offline), qos=1, retain=True)
+        info = client.publish(self.topics.state, dumps(self._offline()), qos=1, retain=True)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(3.0):
                 await asyncio.to_thread(info.wait_for_publish, 2.0)
@@ -433,7 +429,7 @@ class MqttSink:
 
     def rebirth(self) -> None:
         """Republish the birth (the caller republishes the statuses)."""
-        self.publish_direct(f"{self.root}/state", self.birth(), retain=True)
+        self.publish_direct(self.topics.state, self.birth(), retain=True)
 
 
 class _Stream:

@@ -29,6 +29,7 @@ from agent.monitor import Monitor
 from agent.mqtt import Incoming, MqttSink, describe
 from agent.reconnect import Backoff, Transitions
 from agent.store import Store
+from agent.topics import topics_for
 from drivers.base import Driver, DriverContext
 from drivers.registry import get_driver
 
@@ -239,7 +240,7 @@ class Supervisor:
         self._mqtt_task = self._tg.create_task(self.mqtt.run(), name="sink[mqtt]")
 
     def _on_message(self, msg: Incoming) -> None:
-        if msg.topic == f"{self.cfg.root_topic}/cmd/rebirth":
+        if msg.topic == topics_for(self.cfg).rebirth:
             log.info("rebirth_requested")
             if self.mqtt is not None and self.monitor is not None:
                 self.mqtt.rebirth()
