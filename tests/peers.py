@@ -230,8 +230,10 @@ class Recorder:
 class Daemon:
     """`edge-agent run` as a subprocess, its JSON log lines collected."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
+        """`prefix` is put before the command line, e.g. `["prlimit", "--nofile=1024", "--"]`."""
         self.config = config
+        self.prefix = list(prefix or [])
         self.log_path = config.parent / f"daemon-{uuid.uuid4().hex[:6]}.log"
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), self.env.get("PYTHONPATH", "")])
@@ -241,7 +243,7 @@ class Daemon:
     def start(self, wait: bool = True) -> Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+            [*self.prefix, sys.executable, "-m", "agent", "run", "--config", str(self.config)],
             stdout=log,
             stderr=log,
             env=self.env,
@@ -456,7 +458,7 @@ class ModbusPeer(LoopThread):
     """A Modbus TCP device (the simulator's SimServer) served from its own thread, for tests of the daemon."""
 
     def __init__(self, ranges: dict[str, Any]) -> None:
-        from agent.simulate.modbus_sim import SimServer
+        from drivers.modbus.sim import SimServer
 
         super().__init__("modbus-server")
         self.sim = SimServer(ranges)

@@ -41,6 +41,8 @@ def http_get(url: str, key: str | None = None, method: str = "GET", body: bytes 
     req = urllib.request.Request(url, method=method, data=body)
     if key:
         req.add_header("Authorization", f"Bearer {key}")
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.read().decode()
