@@ -21,7 +21,7 @@ from agent.config import AgentConfig, validate_data
 from agent.errors import ConfigError
 from agent.model import EquipmentStatus, iso, json_safe
 from agent.monitor import Monitor
-from agent.supervisor import drive_equipment
+from agent.runner import RunningDriver
 from drivers.base import Driver, DriverContext
 from drivers.registry import get_driver
 
@@ -104,12 +104,12 @@ class EquipmentClient:
             telemetry=False,  # nothing publishes it: building it would only pile up
         )
         self._monitor.status_listeners.append(self._status_changed)
-        self._live: dict[str, Driver] = {}
+        self._runner: RunningDriver | None = None
         self._drive_task: asyncio.Task[None] | None = None
         self._monitor_task: asyncio.Task[None] | None = None
         self._callbacks: list[StatusCallback] = []
         self._pending: set[asyncio.Future[None]] = set()
-        self._router = CommandRouter(self.config, self._sink, self._status_of, self._live.get)
+        self._router = CommandRouter(self.config, self._sink, self._status_of, self._driver_of)
         self._connected = False
 
     # -- state
@@ -128,6 +128,9 @@ class EquipmentClient:
         st = self._monitor.equipment.get(eid)
         return st.status.status if st else None
 
+    def _driver_of(self, eid: str) -> Driver | None:
+        return self._runner.driver if self._runner is not None and eid == self.equipment_id else None
+
     def _require(self) -> None:
         if not self._connected:
             raise ConnectionError(f"equipment {self.equipment_id!r} is not connected")
@@ -139,29 +142,19 @@ class EquipmentClient:
         if self._connected:
             return
         self.config.agent.state_dir.mkdir(parents=True, exist_ok=True)
-        cls = get_driver(self.equipment.driver)
         mpm = self.config.mpm
         ctx = DriverContext(
             self.config.agent.state_dir,
             self.config.agent.reconnect_max_s,
             max_result_bytes=mpm.max_body_bytes if mpm is not None else None,
         )
-        driver = cls(self.equipment, ctx)
+        runner = RunningDriver(self.equipment, self._monitor, ctx)
         try:
-            await driver.__aenter__()
+            driver = await runner.connect_once()
         except Exception as err:
             raise ConnectionError(f"equipment {self.equipment_id!r}: {err}") from err
-        self._drive_task = asyncio.create_task(
-            drive_equipment(
-                self.equipment,
-                self._monitor,
-                self._live,
-                {},
-                ctx,
-                connected=driver,
-            ),
-            name=f"driver[{self.equipment_id}]",
-        )
+        self._runner = runner
+        self._drive_task = asyncio.create_task(runner.run(connected=driver), name=f"driver[{self.equipment_id}]")
         self._connected = True
         # Let the first events arrive so that status is current when connect returns.
         await asyncio.sleep(0)

@@ -28,7 +28,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent import metrics, topics
 from agent.config import AgentConfig
 from agent.ratelimit import TokenBucket
-from agent.reconnect import Backoff, Transitions
+from agent.reconnect import Backoff, Transitions, describe
 from agent.store import Store, StoredMessage, dumps
 from agent.topics import topics_for
 from agent.waits import wait_event
@@ -462,17 +462,3 @@ class _Stream:
                 return None
             self.cursor = self.ahead[-1].id
         return self.ahead.popleft()
-
-
-def describe(err: BaseException) -> str:
-    """A short, secret-free description of a connection error."""
-    if isinstance(err, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {err.verify_message}"
-    if isinstance(err, ssl.SSLError):
-        return f"TLS error: {err.reason or err}"
-    if isinstance(err, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(err, TimeoutError):
-        return "timed out"
-    text = str(err) or type(err).__name__
-    return text

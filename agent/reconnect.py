@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import ssl
 from typing import Any
 
 
@@ -53,3 +54,17 @@ class Transitions:
         if self.up is not False:
             self.log.warning(f"{self.what}_down", error=error, **fields)
         self.up = False
+
+
+def describe(err: BaseException) -> str:
+    """A short, secret-free description of a connection error."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {err.verify_message}"
+    if isinstance(err, ssl.SSLError):
+        return f"TLS error: {err.reason or err}"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    text = str(err) or type(err).__name__
+    return text

@@ -24,10 +24,10 @@ from agent.commands import CommandRouter
 from agent.config import AgentConfig, EquipmentConfig, load_config
 from agent.errors import ConfigError, StartupError
 from agent.logging import configure as configure_logging
-from agent.model import ConnectionState, QualityResult, Reading, iso, utcnow
+from agent.model import iso, utcnow
 from agent.monitor import Monitor
-from agent.mqtt import Incoming, MqttSink, describe
-from agent.reconnect import Backoff, Transitions
+from agent.mqtt import Incoming, MqttSink
+from agent.runner import RunningDriver
 from agent.store import Store
 from agent.topics import topics_for
 from drivers.base import Driver, DriverContext
@@ -48,9 +48,8 @@ class Supervisor:
         self.monitor: Monitor | None = None
         self.mqtt: MqttSink | None = None
         self.router: CommandRouter | None = None
-        self.drivers: dict[str, Driver] = {}
+        self.runners: dict[str, RunningDriver] = {}
         self.driver_tasks: dict[str, asyncio.Task[None]] = {}
-        self.driver_state: dict[str, dict[str, Any]] = {}
         self.extensions: list[Any] = []  # optional components (outbox, HTTP API) with start/stop
         self.outbox: Any = None
         self._tg: asyncio.TaskGroup | None = None
@@ -67,7 +66,8 @@ class Supervisor:
 
     def driver_of(self, eid: str) -> Driver | None:
         """The live driver of an equipment, when connected."""
-        return self.drivers.get(eid)
+        runner = self.runners.get(eid)
+        return runner.driver if runner is not None else None
 
     def _stale_defaults(self, cfg: AgentConfig) -> dict[str, float]:
         out = {}
@@ -107,15 +107,15 @@ class Supervisor:
         degraded = degraded or bool(store.degraded) or store.depth > self.cfg.mqtt.buffer_max_messages
         drivers = {}
         for eq in self.cfg.equipment:
-            st = self.driver_state.get(eq.id, {})
-            up = bool(st.get("connected"))
+            runner = self.runners.get(eq.id)
+            link = runner.health() if runner is not None else {"status": "down", "error": None}
             drivers[eq.id] = {
-                "status": "up" if up else "down",
+                "status": link["status"],
                 "equipment_status": self.status_of(eq.id),
                 "last_success": self._last_success(eq.id),
-                "error": st.get("error"),
+                "error": link["error"],
             }
-            degraded = degraded or not up
+            degraded = degraded or link["status"] != "up"
         components["drivers"] = drivers
         if self.outbox is not None:
             # MPM down (unreachable, credentials refused) degrades health but never makes it 503: restarting
@@ -252,13 +252,10 @@ class Supervisor:
     # -- drivers
 
     def _start_driver(self, eq: EquipmentConfig) -> None:
-        assert self._tg is not None
-        self.driver_tasks[eq.id] = self._tg.create_task(self._drive(eq), name=f"driver[{eq.id}]")
-
-    async def _drive(self, eq: EquipmentConfig) -> None:
-        assert self.monitor is not None
-        state = self.driver_state.setdefault(eq.id, {"connected": False, "last_success": None, "error": None})
-        await drive_equipment(eq, self.monitor, self.drivers, state, self.driver_context())
+        assert self._tg is not None and self.monitor is not None
+        runner = RunningDriver(eq, self.monitor, self.driver_context())
+        self.runners[eq.id] = runner
+        self.driver_tasks[eq.id] = self._tg.create_task(runner.run(), name=f"driver[{eq.id}]")
 
     def driver_context(self) -> DriverContext:
         """What every driver is given."""
@@ -317,115 +314,6 @@ class Supervisor:
             if hasattr(ext, "reload"):
                 await ext.reload(old, new)
         log.info("reloaded", changed=changed, added=added, removed=removed, mqtt_restarted=mqtt_changed)
-
-
-async def drive_equipment(
-    eq: EquipmentConfig,
-    monitor: Monitor,
-    live: dict[str, Driver],
-    state: dict[str, Any],
-    ctx: DriverContext,
-    connected: Driver | None = None,
-) -> None:
-    """Keep one equipment's driver connected and its events flowing: the one reconnect loop for every driver.
-
-    `live` holds the driver while it is connected (commands go to it); `connected` is a driver already
-    entered by the caller, used for the first round.
-    """
-    cls = get_driver(eq.driver)
-    backoff = Backoff(ctx.reconnect_max_s)
-    dlog = log.bind(equipment_id=eq.id, driver=eq.driver)
-    transitions = Transitions(dlog, "driver")
-    poison = _Rejects(eq.id, monitor, dlog)
-    if connected is None:
-        monitor.on_connection(eq.id, ConnectionState(False, "connecting"))
-    try:
-        while True:
-            driver = connected or cls(eq, ctx)
-            error: str | None = None
-            try:
-                async with contextlib.AsyncExitStack() as stack:
-                    if connected is None:
-                        await stack.enter_async_context(driver)
-                    else:
-                        stack.push_async_exit(driver)
-                        connected = None
-                    live[eq.id] = driver
-                    transitions.mark_up()
-                    backoff.reset()
-                    metrics.DRIVER_CONNECTED.labels(eq.id).set(1)
-                    state.update(connected=True, error=None)
-                    monitor.on_connection(eq.id, ConnectionState(True))
-                    me = asyncio.current_task()
-                    async for ev in driver.events():
-                        if me is not None and me.cancelling():
-                            # asyncio.wait_for in 3.11 can swallow a cancel that races a result (gh-86296);
-                            # a driver awaiting it would then poll on after being told to stop.
-                            raise asyncio.CancelledError
-                        try:
-                            if type(ev) is Reading:
-                                monitor.on_reading(eq.id, ev)
-                            elif isinstance(ev, QualityResult):
-                                await monitor.on_quality(eq.id, ev)
-                            else:
-                                if isinstance(ev, ConnectionState):
-                                    state["connected"] = ev.connected
-                                    state["error"] = ev.error
-                                    metrics.DRIVER_CONNECTED.labels(eq.id).set(int(ev.connected))
-                                monitor.on_event(eq.id, ev)
-                        except Exception as err:
-                            # One value the pipeline cannot take (a value too deep or too large to encode)
-                            # costs that value only: a reconnect would read it again, for ever.
-                            poison.reject(ev, err)
-                    error = "the driver's event stream ended"
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # A library turned our cancellation into its own error: stop anyway.
-                    raise asyncio.CancelledError from err
-                error = describe(err)
-                if not isinstance(err, (OSError, ConnectionError, TimeoutError)):
-                    dlog.warning(
-                        "driver_failed",
-                        error=error,
-                        error_type=type(err).__name__,
-                        exc_info=transitions.up is not False,
-                    )
-            finally:
-                live.pop(eq.id, None)
-            metrics.DRIVER_CONNECTED.labels(eq.id).set(0)
-            metrics.DRIVER_RECONNECTS.labels(eq.id).inc()
-            state.update(connected=False, error=error)
-            transitions.mark_down(error or "disconnected")
-            monitor.on_connection(eq.id, ConnectionState(False, error))
-            delay = backoff.next()
-            dlog.debug("driver_attempt_failed", error=error, retry_in_s=round(delay, 2))
-            await asyncio.sleep(delay)
-    finally:
-        live.pop(eq.id, None)
-
-
-class _Rejects:
-    """Events the pipeline could not take: counted, logged once per tag and error, a value turned bad."""
-
-    def __init__(self, eid: str, monitor: Monitor, dlog: Any) -> None:
-        self.eid = eid
-        self.monitor = monitor
-        self.log = dlog
-        self.seen: set[tuple[str, str]] = set()
-
-    def reject(self, ev: object, err: Exception) -> None:
-        metrics.DRIVER_ERRORS.labels(self.eid, "rejected_input").inc()
-        tag = ev.tag if isinstance(ev, Reading) else type(ev).__name__
-        key = (tag, type(err).__name__)
-        if key not in self.seen and len(self.seen) < 1000:
-            self.seen.add(key)
-            self.log.error("input_rejected", tag=tag, error_type=type(err).__name__, error=str(err)[:300])
-        if isinstance(ev, Reading) and ev.quality != "bad":
-            with contextlib.suppress(Exception):
-                self.monitor.on_reading(self.eid, Reading(ev.tag, None, ev.ts, "bad"))
 
 
 def release_memory() -> None:

@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config import parse_config
 from agent.model import Unchanged
-from agent.simulate.modbus_sim import SimServer
 from drivers.base import DriverContext
 from drivers.modbus import MAX_REGISTERS, ModbusDriver
+from drivers.modbus.sim import SimServer
 
 SIZES = {"uint16": 1, "int16": 1, "int32": 2, "uint32": 2, "float32": 2, "float64": 4, "int64": 4}
 

@@ -1,17 +1,22 @@
 """OPC UA end to end: the whole daemon versus a bare asyncua client, against one server process, in one run.
 
     .venv/bin/python bench/bench_opcua.py [--vars 1000] [--rates 0,2,10] [--seconds 20] [--warmup 5]
-        [--publishing-ms 50] [--sampling-ms 0] [--group 20] [--burst] [--stock-server]
-        [--profile FILE] [--server-profile FILE] [--json]
+        [--publishing-ms 50] [--sampling-ms MS] [--queue-size N] [--bare-queue 0] [--group 20] [--burst]
+        [--shuffle] [--stock-server] [--profile FILE] [--server-profile FILE] [--json]
+
+    # issue 18: every change with default tag settings at the shipped publishing interval
+    .venv/bin/python bench/bench_opcua.py --publishing-ms 100 --rates 10
 
 Peers, all on loopback and started by the bench:
 - an asyncua server in its own process; every variable changes `rate` times a second, written `--group`
-  at a time, the groups spread evenly over each period (`--burst`: all at the start of the period), each
-  write stamped with its own SourceTimestamp, so lag covers the whole path from the write on;
+  at a time, the groups spread evenly over each period (`--burst`: all at the start of the period;
+  `--shuffle`: the groups in another order every period, so a variable's changes come 0 to 2 periods
+  apart), each write stamped with its own SourceTimestamp, so lag covers the whole path from the write on;
 - mosquitto (as tests/peers.py starts it) and `edge-agent run` (`python -m agent run`, as tests/peers.py
   starts it) with one OPC UA equipment subscribed to every variable, `telemetry_interval_s = 0.05`;
 - `mosquitto_sub -v` counting telemetry values, each line stamped on receipt by a reader thread;
-- a bare asyncua client in its own process subscribed to the same items with the same settings: the ceiling.
+- a bare asyncua client in its own process subscribed to the same items, sampling interval 0 and queue
+  size `--bare-queue` (0: the server's largest, every change): the ceiling.
 
 Per rate (0 Hz measures the idle cost), after a warm-up, a measuring window. Values are attributed to a
 window by their source timestamp (whole milliseconds, as telemetry carries them) on both sides. Printed:
@@ -24,8 +29,14 @@ baseline (a process importing what the daemon imports). `--profile FILE` runs th
 Settings: publishing interval 50 ms, the telemetry interval: the server then delivers once per
 telemetry interval and the daemon flushes each delivery on arrival, so the batching window adds no
 lag of its own (with 10 ms the server delivers five times per flush, and each value waits for the
-next flush instead). Sampling interval 0 (as fast as the server can). The asyncua server does not
-sample: it revises every sampling interval to the publishing interval and reports each write.
+next flush instead). The daemon's tags carry no sampling interval or queue size unless given
+(`--sampling-ms`, `--queue-size`): the driver's defaults (sampling 0, the queue derived from the
+revised intervals). The asyncua server does not sample: it revises every sampling interval to the
+publishing interval and reports each write.
+
+Targets checked per moving phase: the earlier ones (share >= 95%, CPU <= 3% of a core per 1,000
+values/s, lag p95 <= 60 ms at 2 Hz), and issue 18's against the bare client in the same run (values
+>= 99% of its, CPU <= 0.5x its, lag p95 <= its + 60 ms).
 """
 
 from __future__ import annotations
@@ -59,13 +70,17 @@ PROBE = f"edge/{SITE}/{AGENT_ID}/equipment/probe/telemetry"
 BASELINE_IMPORTS = "agent.supervisor, agent.http, agent.mpm_bridge, drivers.opcua"
 GUARD_S = 60.0
 TARGETS = {"share": 0.95, "cpu_per_1k": 3.0, "rss_growth_mib": 15.0, "lag_p95_ms_2hz": 60.0}
+# Issue 18, against the bare client in the same run: share of its values, its CPU, added lag p95 (ms).
+VS_BARE = {"share": 0.99, "cpu_ratio": 0.5, "lag_p95_added_ms": 60.0}
 
 
 # ---- the server process ----------------------------------------------------------------------------
 
 
-async def serve(port: int, count: int, group: int, burst: bool, stock: bool) -> None:
+async def serve(port: int, count: int, group: int, burst: bool, stock: bool, shuffle: bool) -> None:
     """`count` Double variables; stdin `RATE r` sets how often each changes, `STATS` prints write counts."""
+    import random
+
     from asyncua import Server, ua
     from asyncua.server.monitored_item_service import MonitoredItemValues
 
@@ -107,6 +122,8 @@ async def serve(port: int, count: int, group: int, burst: bool, stock: bool) -> 
     task = asyncio.create_task(commands())
     print(f"READY {port}", flush=True)
     tick = 0
+    starts = list(range(0, len(ids), group))
+    rng = random.Random(18)
     while state["rate"] >= 0:
         if state["rate"] == 0:
             changed.clear()
@@ -118,10 +135,12 @@ async def serve(port: int, count: int, group: int, burst: bool, stock: bool) -> 
         while state["rate"] == rate:
             tick += 1
             start = next_at
-            for j in range(0, len(ids), group):
+            if shuffle:
+                rng.shuffle(starts)
+            for slot, j in enumerate(starts):
                 # Paced: group after group spread over the period (burst: all at once, yielding between
                 # groups so the publish loop still runs, as it would beside a server's sampling engine).
-                delay = 0.0 if burst else start + period * j / len(ids) - time.monotonic()
+                delay = 0.0 if burst else start + period * slot / len(starts) - time.monotonic()
                 await asyncio.sleep(max(0.0, delay))
                 for i in range(j, min(j + group, len(ids))):
                     # Stamped per write: the lag measured downstream starts when this value exists.
@@ -144,7 +163,7 @@ async def serve(port: int, count: int, group: int, burst: bool, stock: bool) -> 
 # ---- the bare client process -----------------------------------------------------------------------
 
 
-async def bare(endpoint: str, count: int, publishing_ms: float, sampling_ms: float) -> None:
+async def bare(endpoint: str, count: int, publishing_ms: float, sampling_ms: float, queue: int) -> None:
     """The ceiling: asyncua alone, one subscription, iterator mode; counts values per millisecond of source time."""
     from asyncua import Client, ua
     from asyncua.common.subscription import DataChangeEvent
@@ -158,7 +177,7 @@ async def bare(endpoint: str, count: int, publishing_ms: float, sampling_ms: flo
         idx = (await client.get_namespace_array()).index(NS)
         sub = await client.create_subscription(publishing_ms, None, queue_maxsize=4 * count + 16)
         nodes = [client.get_node(f"ns={idx};s=V{i}") for i in range(count)]
-        await sub.subscribe_data_change(nodes, queuesize=1, sampling_interval=ua.Double(sampling_ms))
+        await sub.subscribe_data_change(nodes, queuesize=queue, sampling_interval=ua.Double(sampling_ms))
 
         async def consume() -> None:
             n = 0
@@ -370,12 +389,17 @@ def import_baseline() -> float:
 
 
 def write_config(
-    tmp: Path, broker_port: int, endpoint: str, count: int, publishing_ms: float, sampling_ms: float
+    tmp: Path,
+    broker_port: int,
+    endpoint: str,
+    count: int,
+    publishing_ms: float,
+    sampling_ms: float | None,
+    queue_size: int | None,
 ) -> Path:
-    tags = "".join(
-        f'[[equipment.tags]]\nname = "v{i}"\nnode = "nsu={NS};s=V{i}"\nsampling_interval_ms = {sampling_ms:g}\n'
-        for i in range(count)
-    )
+    extra = "" if sampling_ms is None else f"sampling_interval_ms = {sampling_ms:g}\n"
+    extra += "" if queue_size is None else f"queue_size = {queue_size}\n"
+    tags = "".join(f'[[equipment.tags]]\nname = "v{i}"\nnode = "nsu={NS};s=V{i}"\n{extra}' for i in range(count))
     text = f"""
 [agent]
 id = "{AGENT_ID}"
@@ -456,6 +480,7 @@ def summarize(
         "daemon_cpu_pct": cpu["daemon"],
         "daemon_cpu_pct_per_1k": cpu["daemon"] / (rate_s / 1000) if rate_s else nan,
         "bare_cpu_pct_per_1k": cpu["bare"] / (bare_count / span / 1000) if bare_count else nan,
+        "cpu_ratio": cpu["daemon"] / cpu["bare"] if cpu["bare"] else nan,
         "cpu_pct": cpu,
         "lag_p50_ms": 1000 * statistics.median(lags) if lags else nan,
         "lag_p95_ms": 1000 * percentile(lags, 0.95),
@@ -480,6 +505,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "vars": args.vars,
         "publishing_interval_ms": args.publishing_ms,
         "sampling_interval_ms": args.sampling_ms,
+        "queue_size": args.queue_size,
+        "bare_queue": args.bare_queue,
+        "server_shuffle": args.shuffle,
         "server_group": args.group,
         "server_burst": args.burst,
         "stock_server": args.stock_server,
@@ -502,10 +530,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server_args = ["--serve", str(port), "--vars", str(args.vars), "--group", str(args.group)]
             server_args += ["--burst"] if args.burst else []
             server_args += ["--stock-server"] if args.stock_server else []
+            server_args += ["--shuffle"] if args.shuffle else []
             server = start_role(*server_args, profile=args.server_profile)
             sub = Sub(broker.port)
             results["subscriber"] = sub.kind
-            cfg = write_config(tmp, broker.port, endpoint, args.vars, args.publishing_ms, args.sampling_ms)
+            cfg = write_config(
+                tmp, broker.port, endpoint, args.vars, args.publishing_ms, args.sampling_ms, args.queue_size
+            )
             daemon = Daemon(cfg)
             if args.profile:
                 start_profiled(daemon, str(Path(args.profile).resolve()))
@@ -521,7 +552,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.1)
             bare_proc = start_role(
                 "--bare", endpoint, "--vars", str(args.vars),
-                "--publishing-ms", str(args.publishing_ms), "--sampling-ms", str(args.sampling_ms),
+                "--publishing-ms", str(args.publishing_ms), "--sampling-ms", str(args.sampling_ms or 0),
+                "--bare-queue", str(args.bare_queue),
             )  # fmt: skip
             procs = {
                 "daemon": dproc,
@@ -555,7 +587,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ask(bare_proc, "STOP")
             assert bare_proc.stdout is not None
             bare_out = json.loads(bare_proc.stdout.readline())
-            dropped = sum(int(e.get("dropped", 0)) for e in daemon.logs() if e.get("event") == "notifications_dropped")
+            logs = daemon.logs()
+            dropped = sum(int(e.get("dropped", 0)) for e in logs if e.get("event") == "notifications_dropped")
+            overflow_logs = sum(1 for e in logs if e.get("event") == "server_queue_overflow")
         finally:
             if bare_proc is not None:
                 stop(bare_proc)
@@ -577,6 +611,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["rss_growth_peak_mib"] = (hwm - baseline) / 2**20
     results["rss_growth_end_mib"] = (rss_end - baseline) / 2**20
     results["notifications_dropped"] = dropped
+    results["server_queue_overflow_logs"] = overflow_logs
     results["loadavg_end"] = os.getloadavg()
     return results
 
@@ -597,15 +632,21 @@ def start_profiled(daemon: Any, prof: str) -> None:
 
 def report(r: dict[str, Any]) -> None:
     la0, la1 = r["loadavg_start"], r["loadavg_end"]
+    tag_settings = (
+        "default tag settings"
+        if r["sampling_interval_ms"] is None and r["queue_size"] is None
+        else (f"sampling_interval_ms={r['sampling_interval_ms']}, queue_size={r['queue_size']}")
+    )
     print(
-        f"# {r['vars']} variables, publishing_interval_ms={r['publishing_interval_ms']:g},"
-        f" sampling_interval_ms={r['sampling_interval_ms']:g},"
+        f"# {r['vars']} variables, publishing_interval_ms={r['publishing_interval_ms']:g}, {tag_settings},"
+        f" bare client queue {r['bare_queue']},"
         f" server writes {r['server_group']} at a time, {'in a burst' if r['server_burst'] else 'spread'}"
+        f"{', shuffled' if r['server_shuffle'] else ''}"
         f"{' (stock asyncua)' if r['stock_server'] else ''},"
         f" {r['window_s']:g} s windows, subscriber {r['subscriber']}, cpus={os.cpu_count()},"
         f" load average {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f} -> {la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f}"
     )
-    head = "rate,srv w/s,bare v/s,agent v/s,share,cpu%,cpu%/1k,bare/1k,p50,p95,bare50,bare95".split(",")
+    head = "rate,srv w/s,bare v/s,agent v/s,share,cpu%,bare cpu%,cpu%/1k,bare/1k,p50,p95,bare50,bare95".split(",")
     print(" ".join(f"{h:>9}" for h in head) + "   lag split p50/p95 (ms) and other cpu%")
     for p in r["phases"]:
         moving = p["rate_hz"] > 0  # the idle phase has no rate to compare or divide by
@@ -616,6 +657,7 @@ def report(r: dict[str, Any]) -> None:
             f"{p['daemon_values_s']:.0f}",
             f"{p['share']:.1%}" if moving else "-",
             f"{p['daemon_cpu_pct']:.1f}",
+            f"{p['cpu_pct']['bare']:.1f}",
             f"{p['daemon_cpu_pct_per_1k']:.2f}" if moving else "-",
             f"{p['bare_cpu_pct_per_1k']:.2f}" if moving else "-",
             f"{p['lag_p50_ms']:.1f}",
@@ -632,7 +674,8 @@ def report(r: dict[str, Any]) -> None:
     print(
         f"daemon RSS: import baseline {r['import_baseline_mib']:.1f} MiB, peak {r['daemon_peak_rss_mib']:.1f} MiB"
         f" (growth {r['rss_growth_peak_mib']:.1f} MiB), at end {r['daemon_end_rss_mib']:.1f} MiB"
-        f" (growth {r['rss_growth_end_mib']:.1f} MiB); notifications dropped: {r['notifications_dropped']}"
+        f" (growth {r['rss_growth_end_mib']:.1f} MiB); notifications dropped: {r['notifications_dropped']};"
+        f" server queue overflow episodes: {r['server_queue_overflow_logs']}"
     )
     checks = [("RSS growth <= 15 MiB", r["rss_growth_peak_mib"] <= TARGETS["rss_growth_mib"])]
     for p in r["phases"]:
@@ -642,6 +685,11 @@ def report(r: dict[str, Any]) -> None:
         checks.append((f"cpu/1k {p['rate_hz']:g} Hz <= 3%", p["daemon_cpu_pct_per_1k"] <= TARGETS["cpu_per_1k"]))
         if p["rate_hz"] == 2:
             checks.append(("lag p95 2 Hz <= 60 ms", p["lag_p95_ms"] <= TARGETS["lag_p95_ms_2hz"]))
+        hz = f"{p['rate_hz']:g} Hz"
+        checks.append((f"{hz} values >= 99% of bare", p["share"] >= VS_BARE["share"]))
+        checks.append((f"{hz} CPU <= 0.5x bare ({p['cpu_ratio']:.2f}x)", p["cpu_ratio"] <= VS_BARE["cpu_ratio"]))
+        added = p["lag_p95_ms"] - p["bare_lag_p95_ms"]
+        checks.append((f"{hz} lag p95 <= bare + 60 ms ({added:+.1f})", added <= VS_BARE["lag_p95_added_ms"]))
     print("targets: " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks))
 
 
@@ -652,9 +700,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring window per rate")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds at a new rate before measuring")
     parser.add_argument("--publishing-ms", type=float, default=50.0)
-    parser.add_argument("--sampling-ms", type=float, default=0.0)
+    parser.add_argument("--sampling-ms", type=float, help="every tag's sampling_interval_ms (default: none set)")
+    parser.add_argument("--queue-size", type=int, help="every tag's queue_size (default: none set)")
+    parser.add_argument("--bare-queue", type=int, default=0, help="the bare client's queue size (0: server's max)")
     parser.add_argument("--group", type=int, default=20, help="the server writes this many variables per step")
     parser.add_argument("--burst", action="store_true", help="all steps at the start of each period, not spread")
+    parser.add_argument("--shuffle", action="store_true", help="the steps in another order every period")
     parser.add_argument("--stock-server", action="store_true", help="keep asyncua's per-item copy of each write")
     parser.add_argument("--profile", metavar="FILE", help="run the daemon under cProfile, statistics to FILE")
     parser.add_argument("--server-profile", metavar="FILE", help="the same for the OPC UA server")
@@ -663,9 +714,9 @@ def main() -> None:
     parser.add_argument("--bare", metavar="ENDPOINT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.vars, max(1, args.group), args.burst, args.stock_server))
+        asyncio.run(serve(args.serve, args.vars, max(1, args.group), args.burst, args.stock_server, args.shuffle))
     elif args.bare:
-        asyncio.run(bare(args.bare, args.vars, args.publishing_ms, args.sampling_ms))
+        asyncio.run(bare(args.bare, args.vars, args.publishing_ms, args.sampling_ms or 0.0, args.bare_queue))
     else:
         results = run(args)
         report(results)

@@ -10,6 +10,12 @@ context and re-enters it with backoff. asyncua's own auto-reconnect re-creates m
 node ids it cached: against a server restarted with its namespaces registered in another order it
 reported itself connected and then delivered nothing for an `nsu=` tag, without a word. A fresh connect
 resolves every `nsu=` URI again and re-reads the data types that writes are coerced to.
+
+Every change the server reports is delivered without per-tag tuning: items are sampled as fast as the
+server can (sampling interval 0) and get a server-side queue sized from the intervals the server revised
+(`derived_queue_size`), so no value is conflated inside a publishing interval. A value the server flags
+with the Overflow bit (its queue for the item overflowed) is counted (`overflows`, and the driver errors
+of kind server_overflow), and each transition logged once.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from asyncua import Client, ua
+from asyncua import Client, Node, ua
 from asyncua.client.ua_session import UaSession
-from asyncua.common.subscription import Subscription
+from asyncua.common.subscription import Subscription, SubscriptionItemData
 from asyncua.crypto import security_policies, uacrypto
 from asyncua.observer import Observer
 from cryptography import x509
@@ -43,12 +49,27 @@ from agent.config import CommandBase, EquipmentConfig, SecretHolder, TagBase
 from agent.errors import CommandError
 from agent.model import CommandResult, Event, Reading, utcnow
 from drivers.base import Driver, DriverContext, refuse_unknown, validate_write
-from drivers.opcua_publish import DataChanges, Item, items_of
+from drivers.opcua_publish import DataChanges, Item, PublishDecodeError, items_of, overflowed_handles
 from drivers.opcua_publish import install as install_publish_decoder
 from drivers.registry import register_driver
 
 NODE_RE = re.compile(r"^(?:nsu=(?P<uri>[^;]+);|ns=(?P<ns>\d+);)?(?P<kind>[isgb])=(?P<ident>.+)$", re.DOTALL)
+# Status tags keep at least this many values, so a state that lasts less than a publishing interval is
+# reported even where the derived queue is shorter (a long sampling interval).
 STATUS_QUEUE_SIZE = 10
+# A derived server-side queue holds every sample of one publishing interval and of a publish response
+# this late on top (at least one more publishing interval): the client keeps one PublishRequest in
+# flight (asyncua does), so while it is busy (a collection, a slow disk commit, a retransmitted TCP
+# segment: 200 ms at the least on Linux) the server keeps sampling into the queue with nowhere to send.
+LATE_PUBLISH_MS = 1000.0
+# At least 2 (one late interval at one sample per interval); at most 1,000: a second of samples at 1 kHz,
+# and a bound on what one item may hold in the server's memory (servers cap it lower or higher anyway).
+MIN_QUEUE_SIZE, MAX_QUEUE_SIZE = 2, 1000
+# A server revising the sampling interval to 0 reports changes as they happen, at no rate it tells:
+# assume changes no closer together than this.
+EXCEPTION_SAMPLING_MS = 10.0
+# Overflow flagged by the server: "no longer overflowing" after this long without a flagged value.
+OVERFLOW_QUIET_S = 10.0
 # `reset` is a method call too, the one command the daemon lets run while the equipment is in error.
 METHOD_KINDS = ("method", "reset")
 ASYNCUA_LOGGER = "asyncua"
@@ -65,6 +86,24 @@ _INT_RANGES: dict[ua.VariantType, tuple[int, int]] = {
 }
 _FLOATS = (ua.VariantType.Float, ua.VariantType.Double)
 _PLAIN = (int, float, str, bool, type(None), datetime, bytes)
+_PLAIN_TYPES = frozenset(_PLAIN)
+
+
+def derived_queue_size(publishing_ms: float, sampling_ms: float | None) -> int:
+    """The server-side queue for an item sampled every `sampling_ms` in a subscription publishing every
+    `publishing_ms` (both as the server revised them): every sample of a publishing interval and of a
+    late publish on top, bounded to MIN_QUEUE_SIZE..MAX_QUEUE_SIZE.
+
+    A sampling interval of 0 (the server reports changes as they happen), an unknown one, or one the
+    server left negative (-1: "the publishing interval") is read as EXCEPTION_SAMPLING_MS or the
+    publishing interval respectively.
+    """
+    if sampling_ms is None or not math.isfinite(sampling_ms) or sampling_ms == 0:
+        sampling_ms = EXCEPTION_SAMPLING_MS
+    elif sampling_ms < 0:
+        sampling_ms = publishing_ms
+    span = publishing_ms + max(publishing_ms, LATE_PUBLISH_MS)
+    return max(MIN_QUEUE_SIZE, min(MAX_QUEUE_SIZE, math.ceil(span / sampling_ms)))
 
 
 def check_node_id(text: str) -> str:
@@ -141,7 +180,9 @@ class OpcUaTag(TagBase):
     """An OPC UA tag: a variable node, monitored in the equipment's subscription."""
 
     node: str
+    # Unset: 0, the server's fastest (on change where it can).
     sampling_interval_ms: float | None = Field(None, ge=0)
+    # Unset: derived from the intervals the server revised (derived_queue_size).
     queue_size: int | None = Field(None, ge=1)
 
     @field_validator("node")
@@ -321,6 +362,7 @@ class _BatchSubscription(Subscription):
         params: ua.CreateSubscriptionParameters,
         maxsize: int,
         on_dropped: Callable[[int], None],
+        on_values: Callable[[list[int]], None],
     ) -> None:
         # asyncua's own per-event queue stays empty: publish_callback below replaces its delivery.
         super().__init__(session, params, None, queue_maxsize=1)
@@ -331,6 +373,55 @@ class _BatchSubscription(Subscription):
         self.closed = False
         self.ready = asyncio.Event()
         self._on_dropped = on_dropped
+        self._on_values = on_values
+
+    async def create_items(self, requests: list[ua.MonitoredItemCreateRequest]) -> list[ua.MonitoredItemCreateResult]:
+        """Create monitored items and return the server's results whole (its revised parameters too)."""
+        params = ua.CreateMonitoredItemsParameters(
+            SubscriptionId=self.subscription_id, ItemsToCreate=requests, TimestampsToReturn=ua.TimestampsToReturn.Both
+        )
+        results = await self.server.create_monitored_items(params)
+        for request, result in zip(requests, results, strict=True):
+            if result.StatusCode.is_good():
+                # What asyncua keeps to create the item again (its stale-subscription watchdog).
+                asked = request.RequestedParameters
+                data = SubscriptionItemData()
+                data.node = Node(self.server, request.ItemToMonitor.NodeId)
+                data.attribute = request.ItemToMonitor.AttributeId
+                data.client_handle = asked.ClientHandle
+                data.server_handle = result.MonitoredItemId
+                data.queuesize = asked.QueueSize
+                data.sampling_interval = asked.SamplingInterval
+                data.monitoring_mode = request.MonitoringMode
+                self._monitored_items[asked.ClientHandle] = data
+        return results
+
+    async def resize_queues(self, sizes: dict[int, int]) -> dict[int, int]:
+        """Ask the server for other queue sizes (by client handle); return the sizes it granted."""
+        items = [self._monitored_items[h] for h in sizes]
+        params = ua.ModifyMonitoredItemsParameters(
+            SubscriptionId=self.subscription_id,
+            TimestampsToReturn=ua.TimestampsToReturn.Both,
+            ItemsToModify=[
+                ua.MonitoredItemModifyRequest(
+                    MonitoredItemId=item.server_handle,
+                    RequestedParameters=ua.MonitoringParameters(
+                        ClientHandle=item.client_handle,
+                        SamplingInterval=item.sampling_interval,
+                        QueueSize=sizes[handle],
+                        DiscardOldest=True,
+                    ),
+                )
+                for handle, item in zip(sizes, items, strict=True)
+            ],
+        )
+        results = await self.server.modify_monitored_items(params)
+        granted: dict[int, int] = {}
+        for (handle, size), item, result in zip(sizes.items(), items, results, strict=True):
+            if result.StatusCode.is_good():
+                item.queuesize = size
+                granted[handle] = int(result.RevisedQueueSize) or size
+        return granted
 
     async def publish_callback(self, publish_result: ua.PublishResult) -> None:
         self.last_publish_at = time.monotonic()
@@ -342,11 +433,14 @@ class _BatchSubscription(Subscription):
         if not data:
             return  # a keep-alive
         values = 0
+        overflowed: list[int] = []
         for notif in data:
             if type(notif) is DataChanges:
                 items = notif.items
+                overflowed += notif.overflowed
             elif isinstance(notif, ua.DataChangeNotification):  # decoded by asyncua (not via the session)
                 items = items_of(notif)
+                overflowed += overflowed_handles(items)
             else:
                 items = []
                 if isinstance(notif, ua.StatusChangeNotification):
@@ -359,6 +453,7 @@ class _BatchSubscription(Subscription):
             self.pending += values
             if self.pending > self.maxsize:
                 self._trim(self.pending - self.maxsize)
+            self._on_values(overflowed)
         self.ready.set()
         self._observe(lambda: self.server.observer.on_notification(self.subscription_id, values))
 
@@ -414,6 +509,13 @@ class OpcUaDriver(Driver):
         self.handles: dict[int, OpcUaTag] = {}
         self.dropped = 0
         self.queue_maxsize = 0
+        self.publishing_ms = self.conn.publishing_interval_ms  # as the server revised it
+        self.queue_sizes: dict[str, int] = {}  # tag name -> the server-side queue size granted
+        self.overflows = 0  # values the server flagged with the Overflow bit, this session
+        self.overflowing = False
+        self.undecodable = 0  # Publish responses that could not be decoded (their values are lost)
+        self.overflow_quiet_s = OVERFLOW_QUIET_S
+        self._overflow_at = 0.0
         self._types: dict[str, ua.VariantType] = {}
         self._inputs: dict[str, list[ua.Argument]] = {}
         self._initial: list[Reading] = []
@@ -493,6 +595,8 @@ class OpcUaDriver(Driver):
             security=f"{conn.security_policy}/{conn.mode}",
             tags=len(self.tags),
             unavailable=len(self.unavailable),
+            publishing_interval_ms=self.publishing_ms,
+            queue_sizes=sorted(set(self.queue_sizes.values())),
         )
 
     async def close(self) -> None:
@@ -668,21 +772,24 @@ class OpcUaDriver(Driver):
         """One subscription; a monitored item per resolvable tag; bad tags become bad readings."""
         conn = self.conn
         monitored = [t for t in self.tags if t.name in self.node_ids]
-        queued = sum(self._queue_size(t) for t in monitored)
-        self.queue_maxsize = self._queue_maxsize(queued)
         self.handles = {}
+        self.queue_sizes = {}
         self._initial = []
         self._counters.produced = 0
         self.dropped = 0
+        self.overflows = 0
+        self.overflowing = False
         sub = await self._create_subscription(client, conn.publishing_interval_ms)
         requests = []
         for handle, tag in enumerate(monitored, start=1):
             rv = ua.ReadValueId(NodeId=self.node_ids[tag.name], AttributeId=ua.AttributeIds.Value)
+            sampling = self._sampling_ms(tag)
+            # A first guess: sampled as asked, or at the publishing interval when asked for 0.
             params = ua.MonitoringParameters(
                 ClientHandle=handle,
-                SamplingInterval=self._sampling_ms(tag),
-                QueueSize=self._queue_size(tag),
-                DiscardOldest=True,
+                SamplingInterval=sampling,
+                QueueSize=self._queue_size(tag, sampling or self.publishing_ms),
+                DiscardOldest=True,  # on overflow the newest values stay; order is kept either way
             )
             requests.append(
                 ua.MonitoredItemCreateRequest(
@@ -690,11 +797,28 @@ class OpcUaDriver(Driver):
                 )
             )
             self.handles[handle] = tag
-        results = await sub.create_monitored_items(requests) if requests else []
-        for handle, result in zip(list(self.handles), results, strict=True):
-            if isinstance(result, ua.StatusCode):
+        results = await sub.create_items(requests) if requests else []
+        granted: dict[int, int] = {}
+        resize: dict[int, int] = {}
+        for request, result in zip(requests, results, strict=True):
+            handle = request.RequestedParameters.ClientHandle
+            if not result.StatusCode.is_good():
                 tag = self.handles.pop(handle)
-                self.unavailable[tag.name] = f"{result.name}"
+                self.unavailable[tag.name] = f"{result.StatusCode.name}"
+                continue
+            # The queue the revised sampling interval needs; only a guess that missed costs a round trip.
+            want = self._queue_size(self.handles[handle], result.RevisedSamplingInterval)
+            granted[handle] = int(result.RevisedQueueSize) or request.RequestedParameters.QueueSize
+            if want != request.RequestedParameters.QueueSize:
+                resize[handle] = want
+        if resize:
+            try:
+                granted.update(await sub.resize_queues(resize))
+            except ua.UaStatusCodeError as err:
+                # A server without ModifyMonitoredItems keeps the first guess; values still flow.
+                self.log.info("queue_resize_refused", items=len(resize), status=ua.StatusCode(err.code).name)
+        self.queue_sizes = {self.handles[h].name: size for h, size in granted.items()}
+        sub.maxsize = self.queue_maxsize = self._queue_maxsize(sum(granted.values()))
         now = utcnow()
         for tag in self.tags:
             why = self.unavailable.get(tag.name)
@@ -713,14 +837,17 @@ class OpcUaDriver(Driver):
             Priority=0,
         )
         session = client.uaclient.session
-        install_publish_decoder(session)
-        sub = _BatchSubscription(session, params, self.queue_maxsize, self._note_dropped)
+        install_publish_decoder(session, self._note_undecodable)
+        # The client-side bound is set once the items' queues are known.
+        sub = _BatchSubscription(session, params, self._queue_maxsize(0), self._note_dropped, self._note_values)
         # Set before init: a failing connect tears it down like any other.
         self.subscription = sub
         results = await sub.init()
         revised = client.get_subscription_revised_params(params, results)
         if revised:
             await sub.update(revised)
+        interval = results.RevisedPublishingInterval
+        self.publishing_ms = interval if math.isfinite(interval) and interval > 0 else period_ms
         # The client's stale-subscription watchdog re-creates what it finds here.
         client._subscriptions.append(sub)
         return sub
@@ -749,17 +876,16 @@ class OpcUaDriver(Driver):
         # dropped (counted and logged).
         return max(1000, 2 * queued + 16)
 
-    def _queue_size(self, tag: OpcUaTag) -> int:
+    def _queue_size(self, tag: OpcUaTag, sampling_ms: float | None) -> int:
+        """The tag's `queue_size`, else derived from the (revised) intervals; status tags keep a floor."""
         if tag.queue_size is not None:
             return tag.queue_size
-        return STATUS_QUEUE_SIZE if tag.name in self.status_tags else 1
+        size = derived_queue_size(self.publishing_ms, sampling_ms)
+        return max(size, STATUS_QUEUE_SIZE) if tag.name in self.status_tags else size
 
     def _sampling_ms(self, tag: OpcUaTag) -> float:
-        if tag.sampling_interval_ms is not None:
-            return tag.sampling_interval_ms
-        # Status tags are sampled as fast as the server can, so a short-lived state fills the queue;
-        # other tags at the publishing interval, which is all a report-by-exception consumer needs.
-        return 0.0 if tag.name in self.status_tags else self.conn.publishing_interval_ms
+        # 0: the server's fastest practical rate, on change where it can; the queue takes the rest.
+        return tag.sampling_interval_ms if tag.sampling_interval_ms is not None else 0.0
 
     # -- events
 
@@ -768,13 +894,24 @@ class OpcUaDriver(Driver):
         sub = self.subscription
         if sub is None:
             raise ConnectionError(f"OPC UA server {self.conn.endpoint}: not connected")
-        for reading in self._initial:
-            yield reading
-        self._initial = []
         handles = self.handles
         batches = sub.batches
         ready = sub.ready
         convert = self._reading
+        # Most values of a busy subscription: good, time-stamped, plain, of a tag without scale or offset.
+        direct = {h: t.name for h, t in handles.items() if t.scale is None and t.offset is None}
+        plain_types = _PLAIN_TYPES
+        initial, self._initial = self._initial, []
+        if handles:
+            # Bad readings for unavailable tags go with the initial values (the first notification), as
+            # one delivery: the monitor derives status once from all of it.
+            while not batches and not sub.closed:
+                ready.clear()
+                await ready.wait()
+        for reading in initial:
+            yield reading
+        # From here to the next wait, nothing awaits: what is queued (every value of a publish response)
+        # is handed over before the event loop turns.
         while True:
             if not batches:
                 if sub.closed:
@@ -787,7 +924,12 @@ class OpcUaDriver(Driver):
                 raise self._lost_error(entry.name)
             sub.pending -= len(entry)
             for item in entry:
-                tag = handles.get(item[0])
+                handle, raw, status, ts = item
+                name = direct.get(handle)
+                if name is not None and not status and type(raw) in plain_types and ts is not None and ts.tzinfo:
+                    yield Reading(name, raw, ts, "good")  # what _reading gives, without its checks
+                    continue
+                tag = handles.get(handle)
                 if tag is not None:
                     yield convert(tag, item)
         if not self._closing:
@@ -797,6 +939,34 @@ class OpcUaDriver(Driver):
         # Not logged here: the supervisor logs the transition once, with this message as its error.
         cause = f"{why}: {self._lost}" if self._lost is not None else why
         return ConnectionError(f"OPC UA server {self.conn.endpoint}: connection lost ({cause})")
+
+    def _note_values(self, overflowed: list[int]) -> None:
+        """A publish response with values: count those the server flagged Overflow; log the transitions."""
+        now = time.monotonic()
+        if overflowed:
+            self.overflows += len(overflowed)
+            self._errors_metric.labels(self.equipment.id, "server_overflow").inc(len(overflowed))
+            self._overflow_at = now
+            if not self.overflowing:
+                self.overflowing = True
+                names = sorted({self.handles[h].name for h in overflowed if h in self.handles})
+                self.log.warning(
+                    "server_queue_overflow",
+                    values=len(overflowed),
+                    tags=names[:10],
+                    queue_sizes={n: self.queue_sizes.get(n) for n in names[:10]},
+                    reason="the server's queue for these items overflowed: values were lost before they were sent",
+                )
+        elif self.overflowing and now - self._overflow_at >= self.overflow_quiet_s:
+            self.overflowing = False
+            self.log.info("server_queue_overflow_ended", overflows=self.overflows)
+
+    def _note_undecodable(self, err: PublishDecodeError) -> None:
+        # asyncua skips the response and goes on; its values are lost. Counted; logged once per session.
+        if self.undecodable == 0:
+            self.log.warning("publish_response_undecodable", error=str(err))
+        self.undecodable += 1
+        self._errors_metric.labels(self.equipment.id, "decode").inc()
 
     def _note_dropped(self, n: int) -> None:
         if self.dropped == 0:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,7 +74,8 @@ class MachineServer:
     Tests set values directly (`set`), the simulator runs `run_cycle`. `namespaces` fixes the order in
     which namespace URIs are registered (extra URIs shift the indexes, as a reconfigured server would).
     `users` switches to username/password only; `certificate`/`private_key` with `secure=True` make the
-    server offer only Basic256Sha256 SignAndEncrypt.
+    server offer only Basic256Sha256 SignAndEncrypt. `counters` adds that many Double variables
+    `Counter.0`, `Counter.1`... (initially 0) for load tests, which `ramp` writes.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class MachineServer:
         private_key: Path | None = None,
         application_uri: str = "urn:edge-agent:sim:server",
         users: dict[str, str] | None = None,
+        counters: int = 0,
     ) -> None:
         self.host = host
         self.port = port
@@ -97,6 +100,7 @@ class MachineServer:
         self.private_key = private_key
         self.application_uri = application_uri
         self.users = users
+        self.counters = counters
         self.server: Server | None = None
         self.nodes: dict[str, Node] = {}
         self.ns: dict[str, int] = {}
@@ -135,6 +139,11 @@ class MachineServer:
                 await node.set_writable()
             self.nodes[sid] = node
         idx = self.ns[NS_MACHINE]
+        for i in range(self.counters):
+            sid = f"Counter.{i}"
+            self.nodes[sid] = await machine.add_variable(
+                _nid(sid, idx), ua.QualifiedName(sid, idx), ua.Variant(0.0, ua.VariantType.Double)
+            )
         self.nodes["Machine.Reset"] = await machine.add_method(
             _nid("Machine.Reset", idx), ua.QualifiedName("Reset", idx), self._reset, [], []
         )
@@ -192,6 +201,37 @@ class MachineServer:
     async def get(self, sid: str) -> Any:
         """The current value of a simulated node."""
         return await self.nodes[sid].read_value()
+
+    async def ramp(self, rate_hz: float, rounds: int, group: int = 10, rng: random.Random | None = None) -> int:
+        """Write 1.0, 2.0 ... `rounds` to every counter at `rate_hz`; return the number of writes.
+
+        The counters are written `group` at a time, the groups spread evenly over each period; with `rng`,
+        in another order every round, so one counter's changes come 0 to 2 periods apart, as a device's
+        do that knows nothing of the client's publishing. Each value carries its own source timestamp.
+        A round that starts late is not made up for by writing faster: every value is written once, at
+        most `rate_hz` times a second.
+        """
+        assert self.server is not None
+        server = self.server
+        ids = [self.nodes[f"Counter.{i}"].nodeid for i in range(self.counters)]
+        period = 1.0 / rate_hz
+        start = time.monotonic()
+        writes = 0
+        groups = [ids[j : j + group] for j in range(0, len(ids), group)]
+        for value in range(1, rounds + 1):
+            if rng is not None:
+                rng.shuffle(groups)
+            for slot, nodeids in enumerate(groups):
+                await asyncio.sleep(start + period * slot / len(groups) - time.monotonic())
+                for nodeid in nodeids:
+                    now = cast(Any, datetime.now(UTC))
+                    variant = ua.Variant(float(value), ua.VariantType.Double)
+                    await server.write_attribute_value(
+                        nodeid, ua.DataValue(variant, SourceTimestamp=now, ServerTimestamp=now)
+                    )
+                    writes += 1
+            start = max(start + period, time.monotonic())
+        return writes
 
     async def _reset(self, parent: ua.NodeId) -> ua.StatusCode | list[ua.Variant]:
         # A running machine cannot be reset: the device refuses, as a real controller would.

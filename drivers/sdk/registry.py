@@ -29,9 +29,9 @@ class DriverSpec:
 
 BUILTIN = (
     DriverSpec("opcua", "drivers.opcua:OpcUaDriver", "agent.simulate.opcua_sim:simulate"),
-    DriverSpec("modbus", "drivers.modbus:ModbusDriver", "agent.simulate.modbus_sim:simulate"),
+    DriverSpec("modbus", "drivers.modbus.driver:ModbusDriver", "drivers.modbus.sim:simulate"),
     DriverSpec("serial_printer", "drivers.serial_printer:SerialPrinterDriver", "agent.simulate.printer_sim:simulate"),
-    DriverSpec("file_drop", "drivers.file_drop:FileDropDriver", "agent.simulate.file_drop_sim:simulate"),
+    DriverSpec("file_drop", "drivers.file_drop.driver:FileDropDriver", "drivers.file_drop.sim:simulate"),
 )
 
 _specs: dict[str, DriverSpec] = {spec.name: spec for spec in BUILTIN}

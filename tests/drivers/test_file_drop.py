@@ -25,8 +25,7 @@ from agent.config import EquipmentConfig, parse_config
 from agent.errors import ConfigError
 from agent.model import ConnectionState, Event, QualityResult, StatusFact, iso
 from drivers.base import DriverContext
-from drivers.file_drop import FileDropDriver, numbered, place_file
-from drivers.inspection_report import file_timestamp
+from drivers.file_drop import FileDropDriver, file_timestamp, numbered, place_file
 from peers import GUARD_S
 
 HEADER = "process_id,feature,nominal,measured,lower_tol,upper_tol,unit\n"
@@ -534,7 +533,7 @@ async def test_unreadable_folder_is_error(tmp_path: Path) -> None:
 
 
 async def test_simulator_reports_are_taken(tmp_path: Path) -> None:
-    from agent.simulate.file_drop_sim import simulate
+    from drivers.file_drop.sim import simulate
 
     eq = equipment(tmp_path)
     sim = asyncio.create_task(simulate(eq, tmp_path / "state", interval_s=0.2, seed=7))

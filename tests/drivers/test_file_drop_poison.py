@@ -15,8 +15,7 @@ from test_file_drop import HEADER, Daemon, equipment, report, running
 
 from agent.model import StatusFact, json_bytes
 from drivers.base import DriverContext
-from drivers.file_drop import FileDropDriver, attempts_ledger_path
-from drivers.inspection_report import parse_report
+from drivers.file_drop import FileDropDriver, attempts_ledger_path, parse_report
 
 DEEP = ('{"process_id": "J", "overall_score": 1, "x": ' + "[" * 10_000 + "]" * 10_000 + "}").encode()
 BIG = json.dumps({"process_id": "JOB-BIG", "overall_score": 1.0, "notes": "x" * 5000}).encode()

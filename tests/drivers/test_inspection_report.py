@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from agent.errors import DataError
 from agent.model import json_bytes, parse_iso
-from drivers.inspection_report import file_timestamp, idempotency_key, parse_report
+from drivers.file_drop import file_timestamp, idempotency_key, parse_report
 
 MTIME_NS = 1_764_259_200_123_456_789  # 2025-11-27T16:00:00.123Z
 HEADER = "process_id,feature,nominal,measured,lower_tol,upper_tol,unit\n"

@@ -17,7 +17,6 @@ import pytest
 from agent.config import EquipmentConfig, parse_config
 from agent.errors import CommandError, ConfigError
 from agent.model import ConnectionState, Reading, Unchanged
-from agent.simulate.modbus_sim import PlcSimulator, SimServer
 from drivers.base import DriverContext
 from drivers.modbus import (
     MAX_REGISTERS,
@@ -28,6 +27,7 @@ from drivers.modbus import (
     encode_registers,
     shortest_float32,
 )
+from drivers.modbus.sim import PlcSimulator, SimServer
 from peers import GUARD_S, AsyncSocatPair
 
 # ---- harness ------------------------------------------------------------------------------------
@@ -817,7 +817,7 @@ async def test_plc_simulator_serves_the_shipped_map(tmp_path: Path) -> None:
 
 
 async def test_plc_simulator_runs_under_simulate(tmp_path: Path) -> None:
-    from agent.simulate.modbus_sim import simulate
+    from drivers.modbus.sim import simulate
 
     probe = SimServer()
     port = await probe.start_tcp()

@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.model import Reading, utcnow
-from drivers.modbus import MAX_REGISTERS, ModbusTag, _decode, coalesce, decode_registers, encode_registers
+from drivers.modbus import MAX_REGISTERS, ModbusTag, coalesce, decode_registers, encode_registers
+from drivers.modbus.driver import _decode
 
 # The independent definitions: struct format and register count per type.
 NUMBERS = {

@@ -171,9 +171,13 @@ def test_config_accepts_node_forms_and_defaults(tmp_path: Path) -> None:
     assert eq.connection.publishing_interval_ms == 100
     assert eq.connection.mode == "None"
     driver = OpcUaDriver(eq, DriverContext(tmp_path))
-    assert driver._queue_size(eq.tag("state")) == 10
-    assert driver._queue_size(eq.tag("a")) == 1
-    assert driver._queue_size(eq.tag("d")) == 5
+    # v2 defaults: sampled as fast as the server can, the queue derived from the revised intervals
+    # (100 ms publishing, sampled every 100 ms: 11), status tags at least 10; per-tag settings win.
+    assert driver._sampling_ms(eq.tag("a")) == 0.0 and driver._sampling_ms(eq.tag("d")) == 250
+    assert driver._queue_size(eq.tag("state"), 100.0) == 11
+    assert driver._queue_size(eq.tag("state"), 1000.0) == 10
+    assert driver._queue_size(eq.tag("a"), 100.0) == 11
+    assert driver._queue_size(eq.tag("d"), 100.0) == 5
 
 
 @pytest.mark.parametrize(
@@ -287,7 +291,7 @@ async def test_status_changes_faster_than_publishing_interval_are_kept(tmp_path:
         try:
             await got.wait(lambda: bool(got.readings("state")) and bool(got.readings("progress")), "initial values")
             # Five states and five progress values inside one publishing interval: the status tag
-            # (queue 10) delivers every one in order, the plain tag (queue 1) its latest.
+            # (a queue of at least 10) delivers every one in order.
             for state, progress in zip((RUNNING, PAUSED, RUNNING, ERROR, IDLE), (0.1, 0.2, 0.3, 0.4, 0.5), strict=True):
                 await machine.set("Machine.State", state)
                 await machine.set("Machine.Progress", progress)

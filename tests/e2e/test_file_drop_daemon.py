@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.outbox import Outbox
-from drivers.inspection_report import idempotency_key
+from drivers.file_drop import idempotency_key
 from peers import Broker, Daemon, MpmPeer, Recorder, wait_until, write_config
 
 R = "edge/test-site/cell-t"

@@ -23,6 +23,9 @@ stopping in error, counting parts. Its register map (unit 1, 0-based addresses):
 
 Holding registers 0..19 and 21 are read-only: a write there gets ILLEGAL_DATA_ADDRESS, as a real PLC
 answers.
+
+The simulator is the driver's independent oracle: it packs registers itself (`set_value`, `set_string`)
+and never uses the driver's codec or planner.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from agent.config import EquipmentConfig
+from drivers.modbus.config import ModbusConnection
+from drivers.sdk import EquipmentConfig
 
 log = structlog.get_logger("edge_agent.simulate")
 
@@ -317,7 +321,7 @@ async def _pty_pair(device_end: Path, sim_end: Path) -> asyncio.subprocess.Proce
 
 async def simulate(equipment: EquipmentConfig, state_dir: Path) -> None:
     """Serve the PLC on the equipment's host and port (or, for RTU, on a pty linked at its serial_port)."""
-    conn = equipment.connection
+    conn: ModbusConnection = equipment.connection
     plc = PlcSimulator(unit_id=conn.unit_id or 1)
     socat: asyncio.subprocess.Process | None = None
     try:
@@ -325,6 +329,7 @@ async def simulate(equipment: EquipmentConfig, state_dir: Path) -> None:
             await plc.start_tcp(conn.host or "127.0.0.1", conn.port)
             where = f"{conn.host}:{plc.port}"
         else:
+            assert conn.serial_port is not None  # the connection model requires it for rtu
             device_end = Path(conn.serial_port)
             socat = await _pty_pair(device_end, state_dir / f"{equipment.id}.modbus-sim.tty")
             await plc.start_rtu(str(state_dir / f"{equipment.id}.modbus-sim.tty"), conn.baudrate, conn.parity)

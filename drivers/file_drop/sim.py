@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.config import EquipmentConfig
+from drivers.sdk import EquipmentConfig
 
 log = structlog.get_logger("edge_agent.simulate")
 
