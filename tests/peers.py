@@ -550,7 +550,7 @@ class PrinterPeer(LoopThread):
     def __init__(self, folder: Path, **options: Any) -> None:
         import asyncio
 
-        from agent.simulate.printer_sim import VirtualPrinter
+        from drivers.printer.sim import VirtualPrinter
 
         super().__init__("virtual-printer")
         self.pair = SocatPair(folder)

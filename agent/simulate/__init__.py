@@ -20,6 +20,7 @@ from drivers.sdk.registry import get_simulator
 
 log = structlog.get_logger("edge_agent.simulate")
 
+
 def _is_loopback(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     if host == "localhost":

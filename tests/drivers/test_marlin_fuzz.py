@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 from test_serial_printer import printer_config
 
 from drivers.base import DriverContext
-from drivers.marlin import (
-    MarlinLink,
+from drivers.printer.lines import (
     command_failure,
     decode_line,
     firmware_error,
@@ -26,7 +25,9 @@ from drivers.marlin import (
     parse_sd_progress,
     parse_temperatures,
 )
-from drivers.serial_printer import SerialPrinterDriver, _Job
+from drivers.printer.marlin import MarlinLink
+from drivers.printer.serial import SerialPrinterDriver
+from drivers.sdk.printer import PrintJob as _Job
 
 # Pieces of real firmware lines, so that the fuzzer reaches the parsers' deeper branches.
 FRAGMENTS = [

@@ -13,8 +13,8 @@ from test_serial_printer import Collector, Rig, printer_config, rig, run
 
 from agent.config import ConfigError
 from agent.errors import CommandError
-from agent.simulate.printer_sim import VirtualPrinter
-from drivers.serial_printer import SerialPrinterDriver
+from drivers.printer.serial import SerialPrinterDriver
+from drivers.printer.sim import VirtualPrinter
 from peers import until
 
 __all__ = ["rig"]  # the fixture, shared with test_serial_printer

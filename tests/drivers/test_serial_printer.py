@@ -13,9 +13,8 @@ import pytest
 from agent.config import ConfigError, EquipmentConfig, parse_config
 from agent.errors import CommandError
 from agent.model import ConnectionState, Event, Reading, StatusFact
-from agent.simulate.printer_sim import VirtualPrinter, simulate
 from drivers.base import DriverContext
-from drivers.marlin import (
+from drivers.printer.lines import (
     LineSplitter,
     command_code,
     firmware_error,
@@ -25,7 +24,8 @@ from drivers.marlin import (
     parse_sd_progress,
     parse_temperatures,
 )
-from drivers.serial_printer import SerialPrinterDriver
+from drivers.printer.serial import SerialPrinterDriver
+from drivers.printer.sim import VirtualPrinter, simulate
 from peers import GUARD_S, AsyncSocatPair, until
 
 NO_AUTOREPORT = {"AUTOREPORT_TEMP": False, "AUTOREPORT_SD_STATUS": False, "SDCARD": True, "EMERGENCY_PARSER": True}
