@@ -22,8 +22,8 @@ from agent.errors import ConfigError
 from agent.model import EquipmentStatus, iso, json_safe
 from agent.monitor import Monitor
 from agent.runner import RunningDriver
-from drivers.base import Driver, DriverContext
-from drivers.registry import get_driver
+from drivers.sdk.driver import Driver, DriverContext
+from drivers.sdk.registry import get_driver
 
 __all__ = ["EquipmentClient", "EquipmentStatus"]
 

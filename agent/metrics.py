@@ -120,7 +120,7 @@ class PrometheusDriverMetrics:
 
     def __init__(self, equipment_id: str) -> None:
         self.reads = DRIVER_READS.labels(equipment_id)
-        self.values = DRIVER_VALUES.labels(equipment_id)
+        self.values_total = DRIVER_VALUES.labels(equipment_id)
         self.latency = DRIVER_LATENCY.labels(equipment_id)
         self.dropped_total = DRIVER_DROPPED.labels(equipment_id)
         self.skipped = DRIVER_SKIPPED_TICKS.labels(equipment_id)
@@ -129,9 +129,15 @@ class PrometheusDriverMetrics:
     def read(self, values: int = 0, seconds: float | None = None) -> None:
         self.reads.inc()
         if values:
-            self.values.inc(values)
+            self.values_total.inc(values)
         if seconds is not None:
             self.latency.observe(seconds)
+
+    def values(self, count: int) -> None:
+        self.values_total.inc(count)
+
+    def request(self, seconds: float) -> None:
+        self.latency.observe(seconds)
 
     def error(self, kind: str, count: int = 1) -> None:
         DRIVER_ERRORS.labels(self.equipment_id, kind).inc(count)

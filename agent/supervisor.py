@@ -22,6 +22,7 @@ from agent import __version__, metrics
 from agent import systemd as sd
 from agent.commands import CommandRouter
 from agent.config import AgentConfig, EquipmentConfig, load_config
+from agent.config_holder import ConfigHolder
 from agent.errors import ConfigError, StartupError
 from agent.logging import configure as configure_logging
 from agent.model import iso, utcnow
@@ -30,8 +31,8 @@ from agent.mqtt import Incoming, MqttSink
 from agent.runner import RunningDriver
 from agent.store import Store
 from agent.topics import topics_for
-from drivers.base import Driver, DriverContext
-from drivers.registry import get_driver
+from drivers.sdk.driver import Driver, DriverContext
+from drivers.sdk.registry import get_driver
 
 log = structlog.get_logger("edge_agent.supervisor")
 
@@ -40,7 +41,7 @@ class Supervisor:
     """Owns every component of a running daemon."""
 
     def __init__(self, cfg: AgentConfig) -> None:
-        self.cfg = cfg
+        self.config = ConfigHolder(cfg)
         self.session = str(uuid.uuid4())
         self.started_at = iso(utcnow())
         self.stop_event = asyncio.Event()
@@ -55,6 +56,11 @@ class Supervisor:
         self._tg: asyncio.TaskGroup | None = None
         self._mqtt_task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+
+    @property
+    def cfg(self) -> AgentConfig:
+        """The current config (the holder's)."""
+        return self.config.cfg
 
     # -- helpers for components
 
@@ -297,7 +303,7 @@ class Supervisor:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self.cfg = new
+        self.config.replace(new)
         assert self.monitor is not None and self.router is not None
         self.monitor.apply_config(new, self._stale_defaults(new))
         self.router.cfg = new

@@ -228,10 +228,9 @@ class ModbusDriver(PollingDriver):
             if paused:
                 gc.enable()
         out.append(Unchanged(ts))
-        # One read counted per good request; the poll's duration goes with the last of them.
-        seconds = time.monotonic() - started
-        for i, values in enumerate(reads, 1):
-            self.metrics.read(values=values, seconds=seconds if i == len(reads) else None)
+        # The values and the duration of the whole poll.
+        self.metrics.values(sum(reads))
+        self.metrics.request(time.monotonic() - started)
         return out
 
     async def _settle(
@@ -270,6 +269,7 @@ class ModbusDriver(PollingDriver):
         block.ok = True
         refined.append(block)
         reads.append(len(block.codecs))
+        self.metrics.read()  # one read per good request, counted as it arrives
         if self._bad:
             for codec in block.codecs:
                 if self._bad.pop(codec.name, None) is not None:

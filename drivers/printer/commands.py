@@ -47,7 +47,7 @@ class PrinterCommands(PrinterReports):
                 result: CommandResult = await handler(link, command, params)
                 return result
             finally:
-                self.metrics.read(seconds=time.monotonic() - started)
+                self.metrics.request(time.monotonic() - started)
 
     async def _cmd_start_print(self, link: MarlinLink, command: CommandBase, params: dict[str, Any]) -> CommandResult:
         file = params["file"]

@@ -17,6 +17,12 @@ class DriverMetrics(Protocol):
     def read(self, values: int = 0, seconds: float | None = None) -> None:
         """A successful read, poll or notification carrying `values` values, taking `seconds`."""
 
+    def values(self, count: int) -> None:
+        """Values received, where they are not counted with a read."""
+
+    def request(self, seconds: float) -> None:
+        """How long a request, poll or command took, where it is not itself a read."""
+
     def error(self, kind: str, count: int = 1) -> None:
         """Errors of one kind (a bad value, a failed request)."""
 
@@ -37,6 +43,12 @@ class CountingMetrics:
     def read(self, values: int = 0, seconds: float | None = None) -> None:
         self.counts["reads"] += 1
         self.counts["values"] += values
+
+    def values(self, count: int) -> None:
+        self.counts["values"] += count
+
+    def request(self, seconds: float) -> None:
+        self.counts["requests"] += 1
 
     def error(self, kind: str, count: int = 1) -> None:
         self.counts[f"error:{kind}"] += count
