@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check-config":
         return check_config(config_path(args.config))
     if args.cmd == "run":
-        from agent.supervisor import run_daemon
+        from agent.daemon import run_daemon
 
         return run_daemon(config_path(args.config))
     if args.cmd == "simulate":

@@ -9,12 +9,15 @@ An MQTT request passes the outside-JSON gate (`agent.jsonin`: size, UTF-8, nesti
 more than `command_max_age_s` ahead is refused as `clock_skew`; an MQTT 5 response topic under the
 agent's own root (or empty, or with wildcards) is not used. Every request gets exactly one result: a
 fault while handling one is answered `internal` and costs that request only.
+
+A caller with a role (the HTTP API passes its key's) is refused before anything runs when the role is
+below the command's `role`; MQTT and the Python API are trusted callers and pass none. The pure rules
+(roles, `sent_at`, response topics, `load_process` parameters) are in `agent.command_rules`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -24,20 +27,20 @@ from typing import Any
 import structlog
 
 from agent import jsonin, metrics
-from agent.config import AgentConfig, CommandBase, EquipmentConfig
+from agent.command_rules import check_role, loggable, response_topic_problem, sent_at_problem, validate_load_process
+from agent.config import AgentConfig, CommandBase, EquipmentConfig, Role
 from agent.errors import CommandError, RejectedError, TransientError
-from agent.model import CommandResult, iso, json_safe, parse_iso, utcnow
+from agent.model import CommandResult, iso, json_safe, utcnow
 from agent.monitor import Sink
 from agent.mqtt import Incoming
 from agent.topics import topics_for
-from drivers.base import Driver
-from drivers.registry import get_driver
+from drivers.sdk.driver import Driver
+from drivers.sdk.registry import get_driver
 
 log = structlog.get_logger("edge_agent.commands")
 
 DEDUP_WINDOW_S = 600.0
 MAX_REQUEST_BYTES = 64 * 1024  # an MQTT command request; larger ones are refused (too_large)
-MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
 COMMAND_TIMEOUT_S = 60.0
 BUSY = ("running", "paused")
 ParameterSource = Callable[[str], Awaitable[dict[str, Any]]]
@@ -61,12 +64,28 @@ class CommandRouter:
         self._seen: OrderedDict[str, tuple[float, asyncio.Future[dict[str, Any]]]] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def set_parameter_source(self, source: ParameterSource) -> Callable[[], None]:
+        """Where `load_process` reads a process's parameters (MPM); returns the call that removes it."""
+        self.parameter_source = source
+
+        def remove() -> None:
+            if self.parameter_source is source:
+                self.parameter_source = None
+
+        return remove
+
     # -- the shared entry point
 
     async def execute(
-        self, eid: str, name: str, params: Any, *, source: str, caller: str | None = None
+        self, eid: str, name: str, params: Any, *, source: str, caller: str | None = None, role: Role | None = None
     ) -> tuple[dict[str, Any], int]:
-        """Run one command; return the result body and the HTTP status it maps to."""
+        """Run one command; return the result body and the HTTP status it maps to.
+
+        With a `role`, `authorize` runs first and its refusals are raised, not returned: they are the
+        caller's access problem, not a command's outcome, and are neither audited nor counted as one.
+        """
+        if role is not None:
+            self.authorize(eid, name, role)
         started = time.monotonic()
         try:
             result = await self._run(eid, name, params)
@@ -103,7 +122,7 @@ class CommandRouter:
             command=name,
             source=source,
             caller=caller,
-            parameters=_loggable(params),
+            parameters=loggable(params),
             success=result.success,
             reason=reason,
             message=result.message,
@@ -111,20 +130,29 @@ class CommandRouter:
         )
         return body, status
 
-    async def _run(self, eid: str, name: str, params: Any) -> CommandResult:
+    def authorize(self, eid: str, name: str, role: Role) -> None:
+        """Refuse a caller whose `role` is below the command's: `Forbidden` (403). Unknown equipment or
+        commands are refused first, as `CommandError` 404, as running them would be."""
+        check_role(role, self._declared(eid, name)[1].role)
+
+    def _declared(self, eid: str, name: str) -> tuple[EquipmentConfig, CommandBase]:
         eq = self._equipment(eid)
         if eq is None:
             raise CommandError(f"unknown equipment {eid!r}", "unknown_equipment", 404)
         cmd = eq.command(name)
         if cmd is None:
             raise CommandError(f"command {name!r} is not declared for equipment {eid!r}", "unknown_command", 404)
+        return eq, cmd
+
+    async def _run(self, eid: str, name: str, params: Any) -> CommandResult:
+        eq, cmd = self._declared(eid, name)
         if params is None:
             params = {}
         if not isinstance(params, dict):
             raise CommandError(f"command {name!r}: parameters must be an object", "bad_parameters")
         driver_cls = get_driver(eq.driver)
         if cmd.kind == "load_process":
-            checked = _validate_load_process(cmd, params)
+            checked = validate_load_process(cmd, params)
         else:
             checked = driver_cls.validate_command(eq, cmd, params)
         self._check_state(eq, cmd)
@@ -349,70 +377,3 @@ class _Request:
     request_id: str | None = None
     first: asyncio.Future[dict[str, Any]] | None = None  # its result, for duplicates that arrive meanwhile
     reply_logged: bool = False
-
-
-def response_topic_problem(topic: str | None, root: str) -> str | None:
-    """Why an MQTT 5 response topic may not carry a result, or None when it may (or there is none).
-
-    The agent's own topics are refused: a requester could otherwise make the agent publish over its
-    retained status, its birth or another equipment's results.
-    """
-    if topic is None:
-        return None
-    if not topic:
-        return "empty"
-    if "+" in topic or "#" in topic:
-        return "contains a wildcard"
-    if "\0" in topic:
-        return "contains a NUL character"
-    if topic == root or topic.startswith(root + "/"):
-        return "under the agent's own topic root"
-    try:
-        size = len(topic.encode("utf-8"))
-    except UnicodeEncodeError:
-        return "not UTF-8"
-    if size > MAX_TOPIC_BYTES:
-        return f"longer than {MAX_TOPIC_BYTES} bytes"
-    return None
-
-
-def sent_at_problem(sent_at: Any, max_age_s: float, now: float) -> tuple[str, str] | None:
-    """(message, reason) when a request's `sent_at` refuses it at wall-clock time `now`, else None.
-
-    Too old is `expired`; more than `max_age_s` in the future is `clock_skew` (otherwise a request
-    from a requester whose clock is ahead would never age out); absent (or null) is allowed.
-    """
-    if sent_at is None:
-        return None
-    try:
-        at = parse_iso(sent_at).timestamp() if isinstance(sent_at, str) else None
-    except ValueError:
-        at = None
-    if at is None:
-        return f"malformed sent_at {_loggable(sent_at, 80)}: not an ISO 8601 timestamp", "malformed"
-    age = now - at
-    if age > max_age_s:
-        return f"expired: sent {age:.0f} s ago, older than command_max_age_s ({max_age_s:g} s)", "expired"
-    if -age > max_age_s:
-        return (
-            f"clock_skew: sent_at is {-age:.0f} s in the future, more than command_max_age_s ({max_age_s:g} s);"
-            " check the requester's clock",
-            "clock_skew",
-        )
-    return None
-
-
-def _validate_load_process(cmd: CommandBase, params: dict[str, Any]) -> dict[str, Any]:
-    extra = set(params) - {"process_id"}
-    if extra:
-        raise CommandError(f"command {cmd.name!r}: unknown parameter(s) {', '.join(sorted(extra))}", "bad_parameters")
-    pid = params.get("process_id")
-    if not isinstance(pid, (str, int)) or isinstance(pid, bool) or str(pid) == "":
-        raise CommandError(f"command {cmd.name!r}: parameter 'process_id' is required", "bad_parameters")
-    return {"process_id": str(pid)}
-
-
-def _loggable(params: Any, limit: int = 500) -> str:
-    """Parameters for the audit log (or a value for a message), bounded in size."""
-    text = json.dumps(json_safe(params), default=str) if params is not None else "{}"
-    return text if len(text) <= limit else text[:limit] + "..."

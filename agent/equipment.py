@@ -103,7 +103,7 @@ class EquipmentClient:
             {equipment_id: get_driver(self.equipment.driver).default_stale_after_s(self.equipment)},
             telemetry=False,  # nothing publishes it: building it would only pile up
         )
-        self._monitor.status_listeners.append(self._status_changed)
+        self._monitor.add_status_listener(self._status_changed)
         self._runner: RunningDriver | None = None
         self._drive_task: asyncio.Task[None] | None = None
         self._monitor_task: asyncio.Task[None] | None = None

@@ -8,7 +8,7 @@ reads its parameters through the client.
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -20,8 +20,10 @@ from agent.outbox import Outbox, OutboxItem
 from agent.process_sync import ProcessSync
 
 if TYPE_CHECKING:
+    from agent.commands import CommandRouter
     from agent.config import AgentConfig
-    from agent.supervisor import Supervisor
+    from agent.config_holder import ConfigHolder
+    from agent.monitor import Monitor
 
 log = structlog.get_logger("edge_agent.mpm")
 
@@ -29,18 +31,20 @@ log = structlog.get_logger("edge_agent.mpm")
 class MpmBridge:
     """Wires the MPM client, outbox and process sync into the monitor and the command router."""
 
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
+    def __init__(self, config: ConfigHolder, monitor: Monitor, router: CommandRouter) -> None:
+        self.config = config
+        self.monitor = monitor
+        self.router = router
         self.client: MPMClient | None = None
         self.outbox: Outbox | None = None
         self.sync: ProcessSync | None = None
+        self._unhook: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         """Open the outbox and start delivering."""
-        cfg = self.sup.cfg
+        cfg = self.config.cfg
         if cfg.mpm is None:
             return
-        assert self.sup.monitor is not None and self.sup.router is not None
         self.client = MPMClient.from_config(cfg.mpm)
         self.outbox = Outbox(
             cfg.agent.state_dir / "outbox.sqlite",
@@ -50,26 +54,23 @@ class MpmBridge:
             max_body_bytes=cfg.mpm.max_body_bytes,
         )
         self.sync = ProcessSync(self.outbox)
-        self.sup.outbox = self.outbox
-        self.sup.monitor.quality_handler = self._quality
-        self.sup.monitor.status_listeners.append(self._status)
-        self.sup.router.parameter_source = self._parameters
+        self._unhook = [
+            self.monitor.set_quality_handler(self._quality),
+            self.monitor.add_status_listener(self._status),
+            self.router.set_parameter_source(self._parameters),
+        ]
         await self.outbox.start()
         log.info("mpm_enabled", base_url=cfg.mpm.base_url, auth=cfg.mpm.auth, pending=self.outbox.depth())
 
     async def stop(self) -> None:
         """Stop delivering; what is left stays in the outbox for the next start."""
-        if self.sup.router is not None:
-            self.sup.router.parameter_source = None
-        if self.sup.monitor is not None:
-            self.sup.monitor.quality_handler = None
-            with contextlib.suppress(ValueError):
-                self.sup.monitor.status_listeners.remove(self._status)
+        for unhook in self._unhook:
+            unhook()
+        self._unhook = []
         if self.outbox is not None:
-            await self.outbox.stop(grace_s=min(2.0, self.sup.cfg.agent.shutdown_grace_s))
+            await self.outbox.stop(grace_s=min(2.0, self.config.cfg.agent.shutdown_grace_s))
             self.outbox.close()
             self.outbox = None
-            self.sup.outbox = None
         if self.client is not None:
             await self.client.close()
             self.client = None
@@ -117,7 +118,7 @@ class MpmBridge:
         return dict(await self.client.get_process_parameters(process_id))
 
     def _outcome(self, item: OutboxItem, state: str) -> None:
-        if item.kind != "quality_result" or self.sup.monitor is None:
+        if item.kind != "quality_result":
             if state == "rejected":
                 log.warning("mpm_status_rejected", process_id=item.process_id, reason=item.reason)
             return
@@ -127,7 +128,7 @@ class MpmBridge:
         extra: dict[str, Any] = {}
         if state == "rejected":
             extra = {"mpm_status_code": item.status_code, "mpm_reason": item.reason}
-        self.sup.monitor.publish_quality(item.equipment_id or "", body, state, item.idempotency_key, **extra)
+        self.monitor.publish_quality(item.equipment_id or "", body, state, item.idempotency_key, **extra)
 
 
 def _mpm(cfg: AgentConfig) -> Any:

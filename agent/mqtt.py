@@ -3,7 +3,8 @@
 Each connection uses a fresh paho client so that paho never re-sends from its own queue: the store is
 the only source of truth. A message leaves the store only on its PUBACK. On every (re)connect: the birth,
 then every current status, then live traffic, always ahead of what waited in the store; that backlog is
-replayed behind it in order, marked `is_historical`, never retained, paced by `replay_max_per_s`.
+replayed behind it in order, marked `is_historical`, never retained, paced by `replay_max_per_s`
+(the two streams and the pace: `mqtt_streams`; the paho client itself: `mqtt_client`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ import contextlib
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -27,35 +26,25 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import metrics, topics
 from agent.config import AgentConfig
-from agent.ratelimit import TokenBucket
+from agent.mqtt_client import Incoming, close_client, incoming, new_client
+from agent.mqtt_streams import FETCH, ReplayPace, Stream
 from agent.reconnect import Backoff, Transitions, describe
-from agent.store import Store, StoredMessage, dumps
+from agent.store import Store, StoredMessage
 from agent.topics import topics_for
 from agent.waits import wait_event
+from drivers.sdk.jsonio import message_bytes
+
+__all__ = ["DELETE_BATCH", "DELETE_DELAY_S", "FETCH", "HISTORICAL", "LIVE_RESERVE", "WINDOW", "Incoming", "MqttSink"]
 
 log = structlog.get_logger("edge_agent.mqtt")
 
 WINDOW = 200  # messages handed to paho and not yet acknowledged
 LIVE_RESERVE = 50  # of the window, never filled by the replay: live traffic never waits for its acks
-FETCH = 1000  # messages read ahead from the store at a time
 # Acknowledged messages leave the store in batches: at most DELETE_BATCH, at the latest DELETE_DELAY_S after
 # the first (a message acknowledged but not yet deleted goes out again after a crash: a duplicate, not a loss).
 DELETE_BATCH = 500
 DELETE_DELAY_S = 0.05
 HISTORICAL = b',"is_historical":true}'
-
-
-@dataclass(slots=True)
-class Incoming:
-    """A message received on a subscribed topic."""
-
-    topic: str
-    payload: bytes
-    retain: bool
-    response_topic: str | None
-    correlation: bytes | None
-    expiry_s: int | None
-    received_at: float
 
 
 class MqttSink:
@@ -90,11 +79,10 @@ class MqttSink:
         self._lost: asyncio.Event | None = None
         self._inflight: dict[int, StoredMessage] = {}
         # Two streams read ahead from the store: live (newer than the connect) and the replayed backlog.
-        self._live = _Stream()
-        self._replay = _Stream()
+        self._live = Stream()
+        self._replay = Stream()
         self._replay_upto = 0  # the backlog is every stored message up to this id at the connect
-        self._pace: TokenBucket | None = None
-        self._pace_timer: asyncio.TimerHandle | None = None
+        self._pace = ReplayPace(self._wake.set)
         self._stop = asyncio.Event()
         self._ack_signalled = False
         self._paho_error: str | None = None
@@ -126,18 +114,9 @@ class MqttSink:
                 self._loop.call_soon_threadsafe(self._wake.set)
 
     def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        props = getattr(msg, "properties", None)
-        incoming = Incoming(
-            topic=msg.topic,
-            payload=bytes(msg.payload),
-            retain=bool(msg.retain),
-            response_topic=getattr(props, "ResponseTopic", None) if props else None,
-            correlation=getattr(props, "CorrelationData", None) if props else None,
-            expiry_s=getattr(props, "MessageExpiryInterval", None) if props else None,
-            received_at=time.time(),
-        )
+        received = incoming(msg)
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._on_message, incoming)
+        self._loop.call_soon_threadsafe(self._on_message, received)
 
     # -- event-loop side
 
@@ -168,22 +147,7 @@ class MqttSink:
         self._wake.set()
 
     def _make_client(self) -> paho.Client:
-        m = self.cfg.mqtt
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.cfg.client_id,
-            protocol=paho.MQTTv5,
-        )
-        if m.username:
-            client.username_pw_set(m.username, m.secret("password"))
-        if m.tls:
-            ctx = ssl.create_default_context(cafile=str(m.ca_file) if m.ca_file else None)
-            if m.cert_file:
-                ctx.load_cert_chain(str(m.cert_file), str(m.key_file) if m.key_file else None)
-            client.tls_set_context(ctx)
-        client.will_set(self.topics.state, dumps(self._offline()), qos=1, retain=True)
-        client.max_inflight_messages_set(100)
-        client.max_queued_messages_set(0)
+        client = new_client(self.cfg, self.topics.state, message_bytes(self._offline()))
         client.on_connect = self._cb_connect
         client.on_disconnect = self._cb_disconnect
         client.on_publish = self._cb_publish
@@ -269,10 +233,10 @@ class MqttSink:
         self._replay.reset(0, self._replay_upto)
         self._live.reset(self._replay_upto, None)
         rate = m.replay_max_per_s
-        self._pace = TokenBucket(rate, burst=max(1.0, rate / 10)) if rate > 0 and self._replay_upto else None
+        self._pace.start(rate if self._replay_upto else 0.0)
         if self._replay_upto:
             log.info("mqtt_replay", messages=self.store.depth, max_per_s=rate or None)
-        client.publish(self.topics.state, dumps(self.birth()), qos=1, retain=True)
+        client.publish(self.topics.state, message_bytes(self.birth()), qos=1, retain=True)
         # retainAsPublished: a request published with retain is recognised (and refused) even when live.
         opts = SubscribeOptions(qos=1, retainAsPublished=True)
         topics = [(self.topics.rebirth, opts)]
@@ -283,9 +247,7 @@ class MqttSink:
         try:
             await self._pump(stop)
         finally:
-            if self._pace_timer is not None:
-                self._pace_timer.cancel()
-                self._pace_timer = None
+            self._pace.stop()
             self._handle_acks()
             self._flush_deletes()
             self.connected = False
@@ -306,7 +268,7 @@ class MqttSink:
                     deadline = time.monotonic() + self.cfg.agent.shutdown_grace_s
                     if self.store.held:
                         # What only memory holds is lost at exit unless it goes now: no pacing for it.
-                        self._pace = None
+                        self._pace.lift()
                 if (not self._inflight and self.store.depth == 0) or time.monotonic() >= deadline:
                     await self._goodbye(client)
                     return
@@ -315,7 +277,7 @@ class MqttSink:
                 # Live first: the backlog only fills what live traffic leaves of the window, at its pace.
                 msg = self._live.next(self.store)
                 if msg is None:
-                    if self._replay.done or room <= LIVE_RESERVE or not self._may_replay():
+                    if self._replay.done or room <= LIVE_RESERVE or not self._pace.allows(self._loop):
                         break
                     msg = self._replay.next(self.store)
                     if msg is None:
@@ -331,21 +293,9 @@ class MqttSink:
             else:
                 await wait_event(self._wake, max(0.01, min(0.1, deadline - time.monotonic())))
 
-    def _may_replay(self) -> bool:
-        """Whether the pace allows one more replayed message now; if not, wake when it will."""
-        if self._pace is None or self._pace.take():
-            return True
-        if self._pace_timer is None and self._loop is not None:
-            self._pace_timer = self._loop.call_later(self._pace.wait_s(), self._paced_wake)
-        return False
-
-    def _paced_wake(self) -> None:
-        self._pace_timer = None
-        self._wake.set()
-
     async def _goodbye(self, client: paho.Client) -> None:
         """The clean stop: the retained offline state (the will is not sent on a normal disconnect)."""
-        info = client.publish(self.topics.state, dumps(self._offline()), qos=1, retain=True)
+        info = client.publish(self.topics.state, message_bytes(self._offline()), qos=1, retain=True)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(3.0):
                 await asyncio.to_thread(info.wait_for_publish, 2.0)
@@ -411,54 +361,14 @@ class MqttSink:
 
     async def _close_client(self) -> None:
         client, self._client = self._client, None
-        if client is None:
-            return
-        with contextlib.suppress(Exception):
-            client.disconnect()
-        await asyncio.to_thread(client.loop_stop)
-        with contextlib.suppress(Exception):
-            # A socket paho did not close itself (connect failed before the loop started).
-            sock = client.socket()
-            if sock is not None:
-                sock.close()
+        if client is not None:
+            await close_client(client)
 
     def publish_direct(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
         """Publish outside the store (birth on rebirth); a no-op while disconnected."""
         if self._client is not None and self.connected:
-            self._client.publish(topic, dumps(payload), qos=1, retain=retain)
+            self._client.publish(topic, message_bytes(payload), qos=1, retain=retain)
 
     def rebirth(self) -> None:
         """Republish the birth (the caller republishes the statuses)."""
         self.publish_direct(self.topics.state, self.birth(), retain=True)
-
-
-class _Stream:
-    """One ordered stream read ahead from the store: ids after `cursor`, up to `upto` when bounded."""
-
-    __slots__ = ("ahead", "cursor", "done", "upto")
-
-    def __init__(self) -> None:
-        self.ahead: collections.deque[StoredMessage] = collections.deque()
-        self.cursor = 0
-        self.upto: int | None = None
-        self.done = True
-
-    def reset(self, cursor: int, upto: int | None) -> None:
-        self.ahead.clear()
-        self.cursor = cursor
-        self.upto = upto
-        self.done = upto is not None and cursor >= upto
-
-    def next(self, store: Store) -> StoredMessage | None:
-        """The next message of the stream, or None when there is none now."""
-        if not self.ahead:
-            if self.done or (self.upto is None and self.cursor >= store.last_id):
-                return None
-            # Read ahead in large batches: one query per FETCH messages, not one per acknowledgement.
-            self.ahead.extend(store.fetch(self.cursor, FETCH, self.upto))
-            if not self.ahead:
-                if self.upto is not None:
-                    self.done = True
-                return None
-            self.cursor = self.ahead[-1].id
-        return self.ahead.popleft()

@@ -1,4 +1,4 @@
-"""A token bucket: a steady rate with a bounded burst (the replay pace after an outage)."""
+"""A token bucket: a steady rate with a bounded burst (the replay pace after an outage, the telemetry pacer)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,17 @@ class TokenBucket:
             self._tokens -= 1.0
             return True
         return False
+
+    @property
+    def tokens(self) -> float:
+        """The tokens there now."""
+        self._refill()
+        return self._tokens
+
+    def spend(self) -> None:
+        """Spend a token whether or not one is there (never below none): for a use that was already due."""
+        self._refill()
+        self._tokens = max(0.0, self._tokens - 1.0)
 
     def wait_s(self) -> float:
         """Seconds until the next token."""

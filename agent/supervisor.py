@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import os
 import signal
 import sqlite3
-import ssl
 import time
 import uuid
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -24,10 +20,13 @@ from agent.commands import CommandRouter
 from agent.config import AgentConfig, EquipmentConfig, load_config
 from agent.config_holder import ConfigHolder
 from agent.errors import ConfigError, StartupError
+from agent.http import HttpApi, HttpDeps
 from agent.logging import configure as configure_logging
 from agent.model import iso, utcnow
 from agent.monitor import Monitor
+from agent.mpm_bridge import MpmBridge
 from agent.mqtt import Incoming, MqttSink
+from agent.outbox import Outbox
 from agent.runner import RunningDriver
 from agent.store import Store
 from agent.topics import topics_for
@@ -51,8 +50,8 @@ class Supervisor:
         self.router: CommandRouter | None = None
         self.runners: dict[str, RunningDriver] = {}
         self.driver_tasks: dict[str, asyncio.Task[None]] = {}
-        self.extensions: list[Any] = []  # optional components (outbox, HTTP API) with start/stop
-        self.outbox: Any = None
+        self.mpm: MpmBridge | None = None  # the MPM link (idle without [mpm]; a reload may start it)
+        self.http: HttpApi | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._mqtt_task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
@@ -61,6 +60,11 @@ class Supervisor:
     def cfg(self) -> AgentConfig:
         """The current config (the holder's)."""
         return self.config.cfg
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """The MPM outbox while `[mpm]` is configured."""
+        return self.mpm.outbox if self.mpm is not None else None
 
     # -- helpers for components
 
@@ -154,14 +158,14 @@ class Supervisor:
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         try:
-            check_readable_files(self.cfg)
             try:
                 self.store.open()
             except (OSError, sqlite3.Error) as err:
                 raise StartupError(f"agent.state_dir {self.cfg.agent.state_dir} cannot be written: {err}") from err
             self.monitor = Monitor(self.cfg, self.store, self._stale_defaults(self.cfg))
             self.router = CommandRouter(self.cfg, self.store, self.status_of, self.driver_of)
-            await self._start_extensions()
+            self._follow_reloads(self.monitor, self.router)
+            await self._start_services()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tg.create_task(self.monitor.run(self.stop_event), name="monitor")
@@ -198,7 +202,7 @@ class Supervisor:
             await self.router.close()
         if self.monitor is not None:
             self.monitor.flush()
-        await self._stop_extensions()
+        await self._stop_services()
         if self.mqtt is not None and self._mqtt_task is not None:
             self.mqtt.request_stop()
             await asyncio.gather(self._mqtt_task, return_exceptions=True)
@@ -208,26 +212,46 @@ class Supervisor:
             self.store.close()
             os._exit(0)
 
-    # -- optional components
+    def _follow_reloads(self, monitor: Monitor, router: CommandRouter) -> None:
+        """What takes a reloaded config synchronously, subscribed once to the holder."""
 
-    async def _start_extensions(self) -> None:
-        from agent.extensions import build_extensions
+        def take(old: AgentConfig, new: AgentConfig) -> None:
+            monitor.apply_config(new, self._stale_defaults(new))
+            router.cfg = new
+            self.store.max_messages = new.mqtt.buffer_max_messages
 
-        self.extensions = build_extensions(self)
-        for i, ext in enumerate(self.extensions):
-            try:
-                await ext.start()
-            except OSError as err:
-                # A taken port or an unusable address: stop what started and say which setting is at fault.
-                self.extensions = self.extensions[:i]
-                await self._stop_extensions()
-                what = f"http.listen {self.cfg.http.listen}" if type(ext).__name__ == "HttpApi" else type(ext).__name__
-                raise StartupError(f"{what}: {err.strerror or err}") from err
+        self.config.listen(take)
 
-    async def _stop_extensions(self) -> None:
-        for ext in reversed(self.extensions):
-            with contextlib.suppress(Exception):
-                await ext.stop()
+    # -- MPM and the local API
+
+    async def _start_services(self) -> None:
+        assert self.monitor is not None and self.router is not None
+        self.mpm = MpmBridge(self.config, self.monitor, self.router)
+        await self.mpm.start()
+        if not self.cfg.http.enabled:
+            return
+        deps = HttpDeps(
+            config=self.config,
+            router=self.router,
+            monitor=self.monitor,
+            health=self.health,
+            refresh_metrics=self.refresh_metrics,
+            dead_letters=lambda: self.outbox,
+        )
+        self.http = HttpApi(deps)
+        try:
+            await self.http.start()
+        except OSError as err:
+            # A taken port or an unusable address: stop what started and say which setting is at fault.
+            self.http = None
+            await self._stop_services()
+            raise StartupError(f"http.listen {self.cfg.http.listen}: {err.strerror or err}") from err
+
+    async def _stop_services(self) -> None:
+        for service in (self.http, self.mpm):
+            if service is not None:
+                with contextlib.suppress(Exception):
+                    await service.stop()
 
     # -- MQTT
 
@@ -303,11 +327,7 @@ class Supervisor:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self.config.replace(new)
-        assert self.monitor is not None and self.router is not None
-        self.monitor.apply_config(new, self._stale_defaults(new))
-        self.router.cfg = new
-        self.store.max_messages = new.mqtt.buffer_max_messages
+        self.config.replace(new)  # the monitor, the router and the store follow through their listeners
         for eid in changed + added:
             self._start_driver(new_eq[eid])
         mqtt_changed = _dump(old.mqtt) != _dump(new.mqtt) or old.mqtt._secrets != new.mqtt._secrets
@@ -316,82 +336,11 @@ class Supervisor:
             if self._mqtt_task is not None:
                 await asyncio.gather(self._mqtt_task, return_exceptions=True)
             self._start_mqtt()
-        for ext in self.extensions:
-            if hasattr(ext, "reload"):
-                await ext.reload(old, new)
+        for service in (self.mpm, self.http):
+            if service is not None:
+                await service.reload(old, new)
         log.info("reloaded", changed=changed, added=added, removed=removed, mqtt_restarted=mqtt_changed)
-
-
-def release_memory() -> None:
-    """Hand memory freed after start-up (the parsed TOML, validation scratch) back to the OS.
-
-    Parsing a large config leaves many small freed blocks that glibc keeps; on a small edge box that is
-    a few MiB per 10,000 tags that nobody uses again.
-    """
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    # What exists now (config, modules) lives as long as the process: keep the collector off it, so
-    # collections triggered by the stream of readings stay cheap.
-    gc.freeze()
 
 
 def _dump(model: Any) -> Any:
     return model.model_dump(mode="json")
-
-
-def run_daemon(path: Path) -> int:
-    """`edge-agent run`: load the config, run the daemon, map failures to the contract's exit codes."""
-    try:
-        cfg = load_config(path)
-    except ConfigError as err:
-        configure_logging()
-        for line in err.problems:
-            log.error("config_invalid", problem=line)
-        return 2
-    configure_logging(cfg.agent.log_level, cfg.agent.log_format)
-    release_memory()
-    try:
-        return asyncio.run(Supervisor(cfg).run())
-    except StartupError as err:
-        # A fault of the machine or the config's surroundings, not a bug: one line, no traceback.
-        log.error("startup_failed", error=str(err))
-        return 2
-    except Exception:
-        log.exception("fatal")
-        return 1
-
-
-def check_readable_files(cfg: AgentConfig) -> None:
-    """Certificates and keys the daemon will need are readable now, not at the first connect."""
-    m = cfg.mqtt
-    checks: list[tuple[str, Path | None]] = [
-        ("mqtt.ca_file", m.ca_file),
-        ("mqtt.cert_file", m.cert_file),
-        ("mqtt.key_file", m.key_file),
-    ]
-    if cfg.mpm is not None:
-        checks.append(("mpm.ca_file", cfg.mpm.ca_file))
-    for eq in cfg.equipment:
-        conn = eq.connection
-        for name in type(conn).model_fields:
-            if name.endswith("_file"):
-                value = getattr(conn, name, None)
-                # Files a driver generates when absent (an OPC UA client certificate) may be missing.
-                if isinstance(value, Path) and value.exists():
-                    checks.append((f"equipment[{eq.id}].connection.{name}", value))
-    for where, path in checks:
-        if path is None:
-            continue
-        try:
-            with open(path, "rb") as fh:
-                fh.read(1)
-        except OSError as err:
-            raise StartupError(f"{where} {path}: {err.strerror or err}") from err
-    if m.tls:
-        try:
-            ctx = ssl.create_default_context(cafile=str(m.ca_file) if m.ca_file else None)
-            if m.cert_file:
-                ctx.load_cert_chain(str(m.cert_file), str(m.key_file) if m.key_file else None)
-        except (ssl.SSLError, OSError, ValueError) as err:
-            raise StartupError(f"mqtt certificates cannot be used: {err}") from err

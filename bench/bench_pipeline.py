@@ -39,6 +39,7 @@ url = "mqtt://127.0.0.1:{port}"
 telemetry_interval_s = {interval}
 status_heartbeat_s = 3600
 buffer_max_messages = 10000000
+replay_max_per_s = 0
 [http]
 listen = "127.0.0.1:0"
 [[equipment]]

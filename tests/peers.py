@@ -443,7 +443,7 @@ class OpcUaPeer(LoopThread):
     """The simulated OPC UA machine served from its own thread, for tests of the daemon."""
 
     def __init__(self, **kwargs: Any) -> None:
-        from agent.simulate.opcua_sim import MachineServer
+        from drivers.opcua.sim import MachineServer
 
         super().__init__("opcua-server")
         self.server = MachineServer(port=free_port(), **kwargs)

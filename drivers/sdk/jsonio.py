@@ -1,6 +1,13 @@
 """Strict JSON out (NaN and infinities as strings) and the one gate for JSON that comes from outside:
 MQTT command payloads, HTTP bodies, drop files, MPM answers.
 
+The one place for how JSON is written: the NaN policy (`nonfinite`: a non-finite float becomes the
+string "NaN", "Infinity" or "-Infinity") and the escaping rules. There are two, each for a reason:
+- broker messages (`message_bytes`, `value_text`) are ASCII JSON, non-ASCII text as \\u escapes, so any
+  Python string encodes, even a lone surrogate that an outside `"\\ud800"` decodes to;
+- what the MPM outbox stores and sends (`json_bytes`) is UTF-8 JSON, byte for byte as it always was
+  (stored bodies and idempotency keys depend on those bytes).
+
 Outside JSON is refused, with a reason, when it is larger than the caller's size limit, is not UTF-8,
 nests deeper than `MAX_DEPTH` levels, or carries NaN/Infinity literals. No library exception
 (RecursionError, UnicodeDecodeError, MemoryError) ever leaves `loads`: the caller sees `InputError` only.
@@ -104,9 +111,49 @@ def loads(data: bytes | bytearray | str, *, max_bytes: int | None = None, what: 
     return value
 
 
+_COMPACT = (",", ":")
+
+
+def nonfinite(value: float) -> str:
+    """The NaN policy: how a non-finite float is spelt (as a JSON string; JSON has no such numbers)."""
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
 def json_bytes(obj: Any) -> bytes:
     """Strict compact JSON bytes: what the MPM outbox stores and the MPM client sends, byte for byte."""
-    return json.dumps(json_safe(obj), separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(json_safe(obj), separators=_COMPACT, ensure_ascii=False, allow_nan=False).encode()
+
+
+def message_bytes(obj: Any) -> bytes:
+    """Strict compact ASCII JSON bytes of a broker message; fast when `obj` is plain JSON already,
+    anything JSON has no type for written as its `str`."""
+    try:
+        return json.dumps(obj, separators=_COMPACT, allow_nan=False).encode()
+    except (ValueError, TypeError):
+        return json.dumps(json_safe(obj), separators=_COMPACT, allow_nan=False, default=str).encode()
+
+
+_ascii_string = json.encoder.encode_basestring_ascii  # what json.dumps does with a str, without its overhead
+
+
+def value_text(value: Any) -> str:
+    """One value as strict ASCII JSON text (as `message_bytes` writes it), fast for the common scalars."""
+    t = type(value)
+    if t is float:
+        if math.isfinite(value):
+            return repr(value)
+        return f'"{nonfinite(value)}"'
+    if t is int:
+        return str(value)
+    if t is bool:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if t is str:
+        return _ascii_string(value)
+    return json.dumps(json_safe(value), default=str)
 
 
 def json_safe(value: Any) -> Any:
@@ -114,9 +161,7 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float):
         if math.isfinite(value):
             return value
-        if math.isnan(value):
-            return "NaN"
-        return "Infinity" if value > 0 else "-Infinity"
+        return nonfinite(value)
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -28,7 +28,7 @@ class DriverSpec:
 
 
 BUILTIN = (
-    DriverSpec("opcua", "drivers.opcua:OpcUaDriver", "agent.simulate.opcua_sim:simulate"),
+    DriverSpec("opcua", "drivers.opcua.driver:OpcUaDriver", "drivers.opcua.sim:simulate"),
     DriverSpec("modbus", "drivers.modbus.driver:ModbusDriver", "drivers.modbus.sim:simulate"),
     DriverSpec("serial_printer", "drivers.printer.serial:SerialPrinterDriver", "drivers.printer.sim:simulate"),
     DriverSpec("file_drop", "drivers.file_drop.driver:FileDropDriver", "drivers.file_drop.sim:simulate"),

@@ -21,9 +21,9 @@ from agent.config import EquipmentConfig, parse_config
 from agent.errors import CommandError
 from agent.metrics import REGISTRY
 from agent.model import ConnectionState, Event, Reading
-from agent.simulate.opcua_sim import ERROR, IDLE, NS_MACHINE, NS_SPINDLE, PAUSED, RUNNING, MachineServer
 from drivers.base import DriverContext
 from drivers.opcua import OpcUaDriver, plain, quality_of
+from drivers.opcua.sim import ERROR, IDLE, NS_MACHINE, NS_SPINDLE, PAUSED, RUNNING, MachineServer
 from peers import GUARD_S, free_port, until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -690,7 +690,7 @@ async def test_secure_server_refusals_are_clear(
 
 
 async def test_simulator_serves_the_shipped_equipment(tmp_path: Path) -> None:
-    from agent.simulate.opcua_sim import simulate
+    from drivers.opcua.sim import simulate
 
     port = free_port()
     # The OPC UA equipment of the shipped agent.toml itself, on a free port.

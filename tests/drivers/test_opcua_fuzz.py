@@ -25,15 +25,15 @@ from hypothesis import strategies as st
 from test_opcua import Collector, equipment
 from test_opcua_publish import data_items, response
 
-from agent.simulate.opcua_sim import NS_SPINDLE, MachineServer
 from drivers.base import DriverContext
 from drivers.opcua import OpcUaDriver, plain, quality_of
-from drivers.opcua_publish import (
+from drivers.opcua.publish import (
     DataChanges,
     PublishDecodeError,
     decode_publish_response,
     overflowed_handles,
 )
+from drivers.opcua.sim import NS_SPINDLE, MachineServer
 from peers import free_port
 
 VT = ua.VariantType

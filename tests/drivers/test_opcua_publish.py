@@ -13,7 +13,7 @@ from asyncua import ua
 from asyncua.common.utils import Buffer
 from asyncua.ua import ua_binary
 
-from drivers.opcua_publish import (
+from drivers.opcua.publish import (
     DataChanges,
     _data_changes,
     _Unsupported,

@@ -21,7 +21,6 @@ from test_opcua import Collector, equipment
 
 from agent.metrics import REGISTRY
 from agent.model import Event, Reading
-from agent.simulate.opcua_sim import NS_SPINDLE, MachineServer
 from drivers.base import DriverContext
 from drivers.opcua import (
     EXCEPTION_SAMPLING_MS,
@@ -31,6 +30,7 @@ from drivers.opcua import (
     OpcUaDriver,
     derived_queue_size,
 )
+from drivers.opcua.sim import NS_SPINDLE, MachineServer
 from peers import free_port, until
 
 TAGS = f"""

@@ -1,4 +1,7 @@
-"""The built-in OPC UA peer: an asyncua server with a simulated machine (also a fixture for tests)."""
+"""The simulated OPC UA machine: an asyncua server (also the peer of the driver's tests) and `simulate`.
+
+An independent oracle: it imports nothing of the driver, its conversions or its decoder.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from asyncua import Node, Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.user_managers import UserManager
 
-from agent.config import EquipmentConfig
+from drivers.sdk import EquipmentConfig
 
 NS_MACHINE = "urn:edge-agent:sim:machine"
 NS_SPINDLE = "urn:edge-agent:sim:spindle"

@@ -1,0 +1,64 @@
+"""What the monitor keeps per equipment, and where its messages go."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.config import AlertConfig, EquipmentConfig
+from agent.model import EquipmentStatus, Reading, StatusFact
+
+
+class Sink(Protocol):
+    """Where the monitor's messages and bookkeeping go: the durable store, or memory for the Python API."""
+
+    def append(
+        self,
+        kind: str,
+        topic: str,
+        payload: dict[str, Any],
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> int: ...
+
+    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None: ...
+
+    def set_state(self, key: str, value: Any) -> None: ...
+
+    def state_items(self, prefix: str) -> dict[str, Any]: ...
+
+
+StatusListener = Callable[[str, EquipmentStatus, EquipmentStatus | None], None]
+
+
+@dataclass
+class EquipmentState:
+    """Everything the monitor knows about one equipment."""
+
+    cfg: EquipmentConfig
+    status: EquipmentStatus
+    stale_after_s: float
+    connected: bool = False
+    connection_error: str | None = None
+    values: dict[str, Reading] = field(default_factory=dict)
+    reported: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)  # values as JSON text, encoded once on arrival
+    fact: StatusFact | None = None
+    status_value_at: float | None = None
+    last_value_at: float | None = None
+    published_at: float = 0.0
+    active_alerts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # tag -> what it feeds, precomputed so the hot path does one dict lookup per reading
+    roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    alerts: dict[str, list[tuple[AlertConfig, str]]] = field(default_factory=dict)
+    deadband: dict[str, float] = field(default_factory=dict)
+    # tag -> its unit as JSON text, only for tags that have one (names are plain identifiers)
+    units: dict[str, str] = field(default_factory=dict)
+    status_tag: str | None = None  # the tag the status is read from, if any
+    # One delivery, one derivation: status and alerts wait until the driver has handed over all it had.
+    unsettled: bool = False
+    touched: set[str] = field(default_factory=set)  # status tags given a value in the unsettled delivery
+    alert_queue: list[Reading] = field(default_factory=list)

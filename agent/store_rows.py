@@ -1,0 +1,67 @@
+"""What the store's SQLite file holds: the schema, one queued message (`StoredMessage`), the statements
+that write and read it, and how an SQLite error is told."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    response_topic TEXT,
+    correlation BLOB
+);
+CREATE INDEX IF NOT EXISTS messages_telemetry ON messages(kind, id);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+INSERT = (
+    "INSERT OR IGNORE INTO messages(id, seq, kind, topic, payload, qos, retain, response_topic, correlation)"
+    " VALUES (?,?,?,?,?,?,?,?,?)"
+)
+SELECT = "SELECT id, seq, kind, topic, payload, qos, retain, response_topic, correlation FROM messages"
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    """One queued message as the MQTT sink sends it."""
+
+    id: int
+    seq: int
+    kind: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    response_topic: str | None
+    correlation: bytes | None
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.id,
+            self.seq,
+            self.kind,
+            self.topic,
+            self.payload,
+            self.qos,
+            int(self.retain),
+            self.response_topic,
+            self.correlation,
+        )
+
+
+def is_disk_full(err: sqlite3.Error) -> bool:
+    return getattr(err, "sqlite_errorcode", 0) == 13 or "full" in str(err).lower()
+
+
+def describe_error(err: BaseException) -> str:
+    """The real SQLite or OS error, with its code name where SQLite gives one."""
+    name = getattr(err, "sqlite_errorname", None)
+    return f"{err} ({name})" if name else str(err)
