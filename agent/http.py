@@ -31,6 +31,7 @@ from agent.errors import CommandError
 from agent.http_auth import Caller, authenticate, grant, identify, refused
 from agent.http_errors import ApiError, ErrorAnswers, Handler, json_response
 from agent.http_server import HttpServer
+from agent.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from agent.commands import CommandRouter
@@ -58,16 +59,6 @@ class _Lru(OrderedDict[str, _V], Generic[_V]):
         else:
             self.move_to_end(key)
         return value
-
-
-class _Bucket:
-    """A token bucket per caller for the request rate limit."""
-
-    __slots__ = ("at", "tokens")
-
-    def __init__(self, tokens: float) -> None:
-        self.tokens = tokens
-        self.at = time.monotonic()
 
 
 class _Failures:
@@ -99,7 +90,7 @@ class HttpApi:
         self.deps = deps
         self.server = HttpServer()
         self._answers = ErrorAnswers(lambda: self._cfg.max_body_bytes)
-        self._buckets: _Lru[_Bucket] = _Lru()
+        self._buckets: _Lru[TokenBucket] = _Lru()
         self._failures: _Lru[_Failures] = _Lru()
 
     @property
@@ -198,14 +189,10 @@ class HttpApi:
     def _spend(self, who: str) -> None:
         """Take one request from `who`'s bucket; 429 when it is empty."""
         rate = self._cfg.rate_limit_per_minute
-        bucket = self._buckets.touch(who, lambda: _Bucket(rate))
-        now = time.monotonic()
-        bucket.tokens = min(rate, bucket.tokens + (now - bucket.at) * rate / 60.0)
-        bucket.at = now
-        if bucket.tokens < 1:
-            retry = max(1, math.ceil((1 - bucket.tokens) * 60.0 / rate))
+        bucket = self._buckets.touch(who, lambda: TokenBucket(rate / 60.0, burst=rate))
+        if not bucket.take():
+            retry = max(1, math.ceil(bucket.wait_s()))
             raise ApiError(429, "rate_limited", f"more than {rate} requests per minute", retry_after=retry)
-        bucket.tokens -= 1
 
     def require(self, request: web.Request, role: Role) -> Caller:
         """The caller, if it has at least `role`: 401 without a (right) key, 403 below the role."""

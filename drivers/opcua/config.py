@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 from asyncua import ua
 from pydantic import Field, field_validator, model_validator
 
-from drivers.sdk import CommandBase, SecretHolder, TagBase
+from drivers.sdk import CommandBase, SecretHolder, TagBase, check_url
 
 NODE_RE = re.compile(r"^(?:nsu=(?P<uri>[^;]+);|ns=(?P<ns>\d+);)?(?P<kind>[isgb])=(?P<ident>.+)$", re.DOTALL)
 # `reset` is a method call too, the one command the daemon lets run while the equipment is in error.
@@ -67,14 +66,7 @@ class OpcUaConnection(SecretHolder):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme != "opc.tcp" or not parts.hostname:
-            raise ValueError("must be opc.tcp://host:port")
-        try:
-            _ = parts.port
-        except ValueError as err:
-            raise ValueError("has an invalid port") from err
-        return v
+        return check_url(v, ("opc.tcp",), "must be opc.tcp://host:port")
 
     @model_validator(mode="after")
     def _security(self) -> OpcUaConnection:
