@@ -67,6 +67,7 @@ __all__ = [
     "Problem",
     "Role",
     "SecretHolder",
+    "SparkplugSection",
     "StatusConfig",
     "TagBase",
     "config_path",
@@ -78,6 +79,8 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
+Profile = Literal["edge-agent", "sparkplug", "uns"]
+SPARKPLUG_ID = r"^[^#+/\s]+$"  # a Sparkplug topic element: no wildcard, no level separator
 
 
 # ---- sections -----------------------------------------------------------------------------------
@@ -92,6 +95,15 @@ class AgentSection(Model):
     reconnect_max_s: float = Field(30.0, gt=0)
     driver_modules: list[str] = Field(default_factory=list)
     shutdown_grace_s: float = Field(5.0, ge=0)
+
+
+class SparkplugSection(Model):
+    """`[mqtt.sparkplug]`: the Sparkplug B edge node (with "sparkplug" in `[mqtt] profiles`)."""
+
+    group_id: str | None = Field(None, pattern=SPARKPLUG_ID)  # default: the agent's site
+    primary_host_id: str | None = Field(None, pattern=SPARKPLUG_ID)
+    dcmd_enabled: bool = False
+    history_window_s: float | None = Field(None, gt=0)  # default: 2.5x the keep-alive
 
 
 class MqttSection(SecretHolder):
@@ -113,6 +125,18 @@ class MqttSection(SecretHolder):
     replay_max_per_s: float = Field(2000.0, ge=0)  # pace of the replayed backlog; 0 = unpaced
     commands_enabled: bool = True
     command_max_age_s: float = Field(30.0, gt=0)
+    # Northbound streams on the one connection: today's contract, a Sparkplug B edge node, a UNS tree.
+    profiles: list[Profile] = Field(default_factory=lambda: list[Profile](["edge-agent"]))
+    sparkplug: SparkplugSection = Field(default_factory=SparkplugSection)  # type: ignore[arg-type]
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one profile")
+        if len(set(v)) != len(v):
+            raise ValueError("a profile is named twice")
+        return v
 
     @field_validator("url")
     @classmethod

@@ -17,7 +17,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import structlog
@@ -30,7 +30,9 @@ from agent.config_holder import ConfigHolder
 from agent.errors import CommandError
 from agent.http_auth import Caller, authenticate, grant, identify, refused
 from agent.http_errors import ApiError, ErrorAnswers, Handler, json_response
+from agent.http_live import LiveRoutes
 from agent.http_server import HttpServer
+from agent.live import LiveHub
 from agent.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
@@ -81,6 +83,7 @@ class HttpDeps:
     health: Callable[[], tuple[dict[str, Any], bool]]  # (report, healthy)
     refresh_metrics: Callable[[], None]  # brings gauges up to date before /metrics is answered
     dead_letters: Callable[[], Any | None]  # the MPM outbox, None without [mpm]
+    hub: LiveHub = field(default_factory=LiveHub)  # the live view's fan-out (fed by `agent.live.LiveTap`)
 
 
 class HttpApi:
@@ -92,6 +95,7 @@ class HttpApi:
         self._answers = ErrorAnswers(lambda: self._cfg.max_body_bytes)
         self._buckets: _Lru[TokenBucket] = _Lru()
         self._failures: _Lru[_Failures] = _Lru()
+        self.live = LiveRoutes(self, deps.hub)
 
     @property
     def _cfg(self) -> HttpSection:
@@ -117,14 +121,17 @@ class HttpApi:
         app.router.add_get("/api/v1/dead-letters", self.dead_letters)
         app.router.add_post("/api/v1/dead-letters/{id}/retry", self.dead_letter_retry)
         app.router.add_delete("/api/v1/dead-letters/{id}", self.dead_letter_delete)
+        self.live.add_routes(app)
         return app
 
     async def start(self) -> None:
         """Listen on the configured address."""
         await self.server.start(self.app(), self._cfg)
+        self.live.start()
 
     async def stop(self) -> None:
-        """Stop listening and close the connections."""
+        """Close the WebSocket clients, stop listening and close the connections."""
+        await self.live.stop()
         await self.server.stop()
 
     async def reload(self, old: Any, new: Any) -> None:

@@ -77,6 +77,13 @@ def identify(request: web.Request, keys: Sequence[ApiKey]) -> Caller | None:
         raise ApiError(401, "unauthorized", str(err), "auth") from None
     if presented is None:
         return None
+    return caller_of(presented, keys)
+
+
+def caller_of(presented: str, keys: Sequence[ApiKey]) -> Caller:
+    """The caller a key belongs to (a WebSocket's auth message, a header's key); 401 for a wrong key."""
+    if not KEY_TEXT.fullmatch(presented):
+        raise ApiError(401, "unauthorized", "a key must be 1 to 512 visible ASCII characters", "auth")
     given = _digest(presented)
     match: Caller | None = None
     for k in keys:

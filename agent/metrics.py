@@ -1,12 +1,52 @@
-"""Prometheus metrics, one registry for the whole daemon (served by the local HTTP API)."""
+"""Prometheus metrics, one registry for the whole daemon (served by the local HTTP API).
+
+Counters carry no `_created` series (they double the series count and dashboards never use them).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent import __version__
+from agent.linkstats import LINKS, driver_link
 from drivers.sdk.handle import set_metrics_factory
 
+disable_created_metrics()
+
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+BUILD_INFO = Gauge(
+    "edge_agent_build_info", "Always 1; the running version in its label", ["version"], registry=REGISTRY
+)
+BUILD_INFO.labels(__version__).set(1)
+
+# dashboards: read at scrape time (`agent.live_state.refresh_gauges`)
+EQUIPMENT_STATUS = Gauge(
+    "edge_agent_equipment_status",
+    "1 for the equipment's current status, 0 for every other status (a state set)",
+    ["equipment_id", "status"],
+    registry=REGISTRY,
+)
+ALERTS_ACTIVE = Gauge(
+    "edge_agent_alerts_active",
+    "Active alerts per equipment and severity",
+    ["equipment_id", "severity"],
+    registry=REGISTRY,
+)
+STORE_OLDEST_AGE = Gauge(
+    "edge_agent_store_oldest_age_seconds",
+    "Age of the oldest message waiting in the durable store (0 when empty)",
+    registry=REGISTRY,
+)
+OUTBOX_OLDEST_AGE = Gauge(
+    "edge_agent_outbox_oldest_age_seconds",
+    "Age of the oldest item waiting in the MPM outbox (0 when empty)",
+    registry=REGISTRY,
+)
 
 # drivers
 DRIVER_READS = Counter(
@@ -126,21 +166,27 @@ class PrometheusDriverMetrics:
         self.skipped = DRIVER_SKIPPED_TICKS.labels(equipment_id)
         self.equipment_id = equipment_id
 
+        self.link = driver_link(equipment_id)
+
     def read(self, values: int = 0, seconds: float | None = None) -> None:
         self.reads.inc()
         if values:
             self.values_total.inc(values)
         if seconds is not None:
             self.latency.observe(seconds)
+            self.link.observe(seconds)
 
     def values(self, count: int) -> None:
         self.values_total.inc(count)
 
     def request(self, seconds: float) -> None:
         self.latency.observe(seconds)
+        self.link.observe(seconds)
 
     def error(self, kind: str, count: int = 1) -> None:
         DRIVER_ERRORS.labels(self.equipment_id, kind).inc(count)
+        for _ in range(min(count, 100)):
+            self.link.error(kind)
 
     def dropped(self, count: int) -> None:
         self.dropped_total.inc(count)
@@ -148,5 +194,36 @@ class PrometheusDriverMetrics:
     def skipped_ticks(self, count: int) -> None:
         self.skipped.inc(count)
 
+
+class _LinkCollector(Collector):
+    """Health per link (`agent.linkstats`) as gauges, read when scraped."""
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["link", "equipment_id"]
+        up = GaugeMetricFamily("edge_agent_link_up", "1 while the link is up", labels=labels)
+        ratio = GaugeMetricFamily(
+            "edge_agent_link_uptime_ratio", "Share of the time since start the link was up", labels=labels
+        )
+        errors = GaugeMetricFamily(
+            "edge_agent_link_errors", "Errors on the link since start (use rate() for the error rate)", labels=labels
+        )
+        last = GaugeMetricFamily(
+            "edge_agent_link_last_error_timestamp_seconds", "Unix time of the link's last error", labels=labels
+        )
+        for name, stats in list(LINKS.items()):
+            kind, _, eid = name.partition(":")
+            values = [kind, eid]
+            up.add_metric(values, 1.0 if stats.is_up else 0.0)
+            ratio.add_metric(values, stats.uptime_ratio())
+            errors.add_metric(values, float(stats.errors_total))
+            if stats.last_error_ts is not None:
+                last.add_metric(values, stats.last_error_ts)
+        yield from (up, ratio, errors, last)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+REGISTRY.register(_LinkCollector())
 
 set_metrics_factory(PrometheusDriverMetrics)

@@ -29,9 +29,9 @@ from agent.model import (
     iso,
     json_safe,
 )
-from agent.monitor_alerts import check_alerts, index_alerts
+from agent.monitor_alerts import check_alerts, device_event, index_alerts
 from agent.monitor_quality import QualityHandler, commit_quality, quality_payload
-from agent.monitor_state import EquipmentState, Sink, StatusListener
+from agent.monitor_state import EquipmentState, Sink, StatusListener, release_checkpoints
 from agent.status_rules import changed, derive_status, is_stale, status_key
 from agent.telemetry import (
     FLUSH_BURST,
@@ -180,6 +180,8 @@ class Monitor:
             self.on_unchanged(eid, ev)
         elif isinstance(ev, Reading):
             self.on_reading(eid, ev)
+        elif (st := self.equipment.get(eid)) is not None:
+            device_event(self.store, self._topics, st, ev)  # DeviceAlerts, Checkpoint
 
     def on_reading(self, eid: str, r: Reading) -> None:
         """A tag value: telemetry by exception, status and alerts."""
@@ -306,9 +308,6 @@ class Monitor:
 
     # -- status
 
-    def _is_stale(self, st: EquipmentState) -> bool:
-        return is_stale(st, self._time())
-
     def _update_status(self, st: EquipmentState) -> None:
         new = derive_status(st, self._time())
         if new.differs(st.status) or (new.status == "unknown" and new.metadata != st.status.metadata):
@@ -345,6 +344,7 @@ class Monitor:
         batch, count = take_batches(self.equipment.values(), self._topics, self._qos)
         if batch:
             self.store.append_encoded(batch)
+        release_checkpoints(self.equipment.values())
         return count
 
     def tick(self) -> None:
@@ -352,7 +352,7 @@ class Monitor:
         now = self._time()
         heartbeat = self.cfg.mqtt.status_heartbeat_s
         for st in self.equipment.values():
-            if st.stale_after_s > 0 and st.connected and st.status.status != "unknown" and self._is_stale(st):
+            if st.stale_after_s > 0 and st.connected and st.status.status != "unknown" and is_stale(st, now):
                 self._update_status(st)
             if now - st.published_at >= heartbeat:
                 self._publish_status(st)

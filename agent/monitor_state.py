@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -62,3 +63,23 @@ class EquipmentState:
     unsettled: bool = False
     touched: set[str] = field(default_factory=set)  # status tags given a value in the unsettled delivery
     alert_queue: list[Reading] = field(default_factory=list)
+    # drivers' Checkpoints waiting for the telemetry now pending to be in the store
+    checkpoints: list[asyncio.Future[bool]] = field(default_factory=list)
+
+
+def hold_checkpoint(st: EquipmentState, done: asyncio.Future[bool]) -> None:
+    """Resolve `done` once the telemetry waiting now is in the store: at once when none waits."""
+    if st.pending:
+        st.checkpoints.append(done)
+    elif not done.done():
+        done.set_result(True)
+
+
+def release_checkpoints(states: Iterable[EquipmentState]) -> None:
+    """Telemetry was flushed to the store: resolve every Checkpoint that waited for it."""
+    for st in states:
+        if st.checkpoints:
+            done, st.checkpoints = st.checkpoints, []
+            for fut in done:
+                if not fut.done():
+                    fut.set_result(True)

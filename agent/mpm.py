@@ -18,6 +18,7 @@ import structlog
 
 from agent.errors import RejectedError, TransientError
 from agent.jsonin import InputError, loads
+from agent.linkstats import link
 from agent.metrics import MPM_CALLS, MPM_LATENCY
 from agent.model import json_bytes
 from agent.mpm_auth import AuthMode, MpmAuth
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 log = structlog.get_logger("edge_agent.mpm")
+_LINK = link("mpm")  # health of the MPM link: durations, errors, uptime (agent.linkstats)
 
 
 class MPMClient:
@@ -209,14 +211,17 @@ class MPMClient:
                 MPM_LATENCY.labels(call=call).observe(time.monotonic() - started)
                 MPM_CALLS.labels(call=call, outcome="network").inc()
                 last = MPMTransientError(f"MPM {call} {method} {path}: {network_error(err)}")
+                _LINK.down(str(last))
                 last.__cause__ = err
                 attempt += 1
                 if attempt < attempts:
                     await asyncio.sleep(self._retry_delay(attempt - 1, None))
                 continue
             MPM_LATENCY.labels(call=call).observe(time.monotonic() - started)
+            _LINK.observe(time.monotonic() - started)
             if 200 <= status < 300:
                 MPM_CALLS.labels(call=call, outcome="ok").inc()
+                _LINK.up()
                 try:
                     return status, loads(text, max_bytes=MAX_ANSWER_BYTES, what=f"MPM {call} answer") if text else None
                 except InputError as err:
@@ -234,6 +239,7 @@ class MPMClient:
             if status in RETRY_STATUSES:
                 MPM_CALLS.labels(call=call, outcome="transient").inc()
                 last = MPMTransientError(f"MPM {call} {method} {path} answered {status}: {reason}", status, server_wait)
+                _LINK.down(str(last))
                 attempt += 1
                 if attempt < attempts:
                     if server_wait is not None and server_wait > self.max_retry_after_s:
@@ -243,8 +249,10 @@ class MPMClient:
             if status in AUTH_STATUSES:
                 MPM_CALLS.labels(call=call, outcome="credentials_refused").inc()
                 message = f"MPM {call} {method} {path} refused the credentials ({status}): {reason}"
+                _LINK.down(message)
                 raise CredentialsRefused(message, status)
             MPM_CALLS.labels(call=call, outcome="rejected").inc()
+            _LINK.up()  # MPM answered: the link works, the request was refused
             if status == 404 and call in ("get_process_data", "get_process_parameters"):
                 raise ValueError(f"MPM has no process at {path} (404)")
             raise RejectedError(f"MPM {call} {method} {path} refused ({status}): {reason}", status)

@@ -28,7 +28,11 @@ from agent import metrics, topics
 from agent.config import AgentConfig
 from agent.mqtt_client import Incoming, close_client, incoming, new_client
 from agent.mqtt_streams import FETCH, ReplayPace, Stream
+from agent.northbound.connect import profile_births
+from agent.northbound.fanout import ProfileSink
 from agent.reconnect import Backoff, Transitions, describe
+from agent.sparkplug.commands import Execute
+from agent.sparkplug.link import SparkplugLink
 from agent.store import Store, StoredMessage
 from agent.topics import topics_for
 from agent.waits import wait_event
@@ -60,6 +64,8 @@ class MqttSink:
         started_at: str,
         on_connected: Callable[[], None],
         on_message: Callable[[Incoming], None],
+        northbound: ProfileSink | None = None,
+        execute: Execute | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -90,6 +96,10 @@ class MqttSink:
         self._delete_timer: asyncio.TimerHandle | None = None
         self._connack_ok = asyncio.Event()
         self.transitions = Transitions(log, "mqtt")
+        # The profiles beside today's contract (`[mqtt] profiles`): the Sparkplug edge node's part of the link.
+        self.profiles = cfg.mqtt.profiles
+        on = northbound is not None and "sparkplug" in self.profiles
+        self._spb = SparkplugLink(cfg, northbound, version, execute, self._done) if on and northbound else None
         store.add_listener(self._wake.set)
 
     # -- paho callbacks (paho's network thread): hand over to the event loop only
@@ -116,7 +126,10 @@ class MqttSink:
     def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         received = incoming(msg)
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._on_message, received)
+        if self._spb is not None and self._spb.owns(received.topic):
+            self._loop.call_soon_threadsafe(self._spb.on_message, client, received.topic, received.payload)
+        else:
+            self._loop.call_soon_threadsafe(self._on_message, received)
 
     # -- event-loop side
 
@@ -127,10 +140,7 @@ class MqttSink:
             self.last_error = f"broker refused the connection: {rc}"
             self._lost.set()
         else:
-            self._connected_fut_set()
-
-    def _connected_fut_set(self) -> None:
-        self._connack_ok.set()
+            self._connack_ok.set()
 
     def _link_lost(self, client: paho.Client, reason: str) -> None:
         if client is not self._client or self._lost is None:
@@ -147,7 +157,9 @@ class MqttSink:
         self._wake.set()
 
     def _make_client(self) -> paho.Client:
-        client = new_client(self.cfg, self.topics.state, message_bytes(self._offline()))
+        # One Will per connection: with the Sparkplug profile it is the NDEATH, as the specification requires.
+        will = self._spb.will() if self._spb is not None else (self.topics.state, message_bytes(self._offline()))
+        client = new_client(self.cfg, *will, retain=self._spb is None)
         client.on_connect = self._cb_connect
         client.on_disconnect = self._cb_disconnect
         client.on_publish = self._cb_publish
@@ -236,7 +248,10 @@ class MqttSink:
         self._pace.start(rate if self._replay_upto else 0.0)
         if self._replay_upto:
             log.info("mqtt_replay", messages=self.store.depth, max_per_s=rate or None)
-        client.publish(self.topics.state, message_bytes(self.birth()), qos=1, retain=True)
+        # Each profile's birth: today's retained state, the Sparkplug births, the UNS metadata.
+        if "edge-agent" in self.profiles:
+            client.publish(self.topics.state, message_bytes(self.birth()), qos=1, retain=True)
+        profile_births(client, self.cfg, self._spb)
         # retainAsPublished: a request published with retain is recognised (and refused) even when live.
         opts = SubscribeOptions(qos=1, retainAsPublished=True)
         topics = [(self.topics.rebirth, opts)]
@@ -269,7 +284,8 @@ class MqttSink:
                     if self.store.held:
                         # What only memory holds is lost at exit unless it goes now: no pacing for it.
                         self._pace.lift()
-                if (not self._inflight and self.store.depth == 0) or time.monotonic() >= deadline:
+                windowed = self._spb.held if self._spb is not None else 0
+                if (not self._inflight and self.store.depth <= windowed) or time.monotonic() >= deadline:
                     await self._goodbye(client)
                     return
             room = WINDOW - len(self._inflight)
@@ -294,11 +310,13 @@ class MqttSink:
                 await wait_event(self._wake, max(0.01, min(0.1, deadline - time.monotonic())))
 
     async def _goodbye(self, client: paho.Client) -> None:
-        """The clean stop: the retained offline state (the will is not sent on a normal disconnect)."""
-        info = client.publish(self.topics.state, message_bytes(self._offline()), qos=1, retain=True)
+        """The clean stop: the retained offline state, the NDEATH (the will is not sent on a normal disconnect)."""
+        infos = [self._spb.goodbye(client)] if self._spb is not None else []
+        if "edge-agent" in self.profiles:
+            infos.append(client.publish(self.topics.state, message_bytes(self._offline()), qos=1, retain=True))
         with contextlib.suppress(Exception):
             async with asyncio.timeout(3.0):
-                await asyncio.to_thread(info.wait_for_publish, 2.0)
+                await asyncio.gather(*(asyncio.to_thread(i.wait_for_publish, 2.0) for i in infos))
         self._handle_acks()
         self._flush_deletes()
         if self.store.depth:
@@ -307,6 +325,12 @@ class MqttSink:
 
     def _send(self, client: paho.Client, msg: StoredMessage) -> None:
         historical = msg.id <= self._replay_upto
+        if self._spb is not None and self._spb.owns(msg.topic):
+            if self._spb.send(client, msg, historical) != paho.MQTT_ERR_SUCCESS:
+                assert self._lost is not None
+                self.last_error = "publish failed: not connected"
+                self._lost.set()
+            return
         payload = msg.payload[:-1] + HISTORICAL if historical and msg.payload.endswith(b"}") else msg.payload
         info = client.publish(msg.topic, payload, qos=msg.qos, retain=msg.retain and not historical)
         if info.rc != paho.MQTT_ERR_SUCCESS:

@@ -29,8 +29,9 @@ class Incoming:
     received_at: float
 
 
-def new_client(cfg: AgentConfig, will_topic: str, will: bytes) -> paho.Client:
-    """A paho client for the configured broker, its retained `will` set on `will_topic`; no callbacks yet."""
+def new_client(cfg: AgentConfig, will_topic: str, will: bytes, *, retain: bool = True) -> paho.Client:
+    """A paho client for the configured broker, its `will` (QoS 1, retained unless told) set on `will_topic`;
+    no callbacks yet."""
     m = cfg.mqtt
     client = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
@@ -44,7 +45,7 @@ def new_client(cfg: AgentConfig, will_topic: str, will: bytes) -> paho.Client:
         if m.cert_file:
             ctx.load_cert_chain(str(m.cert_file), str(m.key_file) if m.key_file else None)
         client.tls_set_context(ctx)
-    client.will_set(will_topic, will, qos=1, retain=True)
+    client.will_set(will_topic, will, qos=1, retain=retain)
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
     return client

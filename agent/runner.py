@@ -14,6 +14,7 @@ import structlog
 
 from agent import metrics
 from agent.config import EquipmentConfig
+from agent.linkstats import driver_link
 from agent.model import ConnectionState, QualityResult, Reading
 from agent.monitor import Monitor
 from agent.reconnect import Backoff, Transitions, describe
@@ -35,6 +36,7 @@ class RunningDriver:
         self.error: str | None = None
         self.log = log.bind(equipment_id=eq.id, driver=eq.driver)
         self._rejects = _Rejects(eq.id, monitor, self.log)
+        self.stats = driver_link(eq.id)  # uptime, durations and errors of this link (health per link)
 
     def new_driver(self) -> Driver:
         """A driver object for this equipment (not connected)."""
@@ -52,6 +54,10 @@ class RunningDriver:
         self.connected = connected
         self.error = error
         metrics.DRIVER_CONNECTED.labels(self.eq.id).set(int(connected))
+        if connected:
+            self.stats.up()
+        else:
+            self.stats.down(error or "disconnected")
 
     async def run(self, connected: Driver | None = None) -> None:
         """Connect, stream, reconnect with backoff, until cancelled. `connected`: a driver already entered."""
@@ -126,8 +132,8 @@ class RunningDriver:
                 self._rejects.reject(ev, err)
 
     def health(self) -> dict[str, Any]:
-        """The driver's part of /healthz (the monitor adds status and last success)."""
-        return {"status": "up" if self.connected else "down", "error": self.error}
+        """The driver's part of /healthz (the monitor adds status and last success), with its link's health."""
+        return {"status": "up" if self.connected else "down", "error": self.error, "link": self.stats.report()}
 
 
 class _Rejects:

@@ -14,18 +14,21 @@ from typing import Any
 
 import structlog
 
-from agent import __version__, metrics
+from agent import __version__, linkstats, metrics
 from agent import systemd as sd
 from agent.commands import CommandRouter
 from agent.config import AgentConfig, EquipmentConfig, load_config
 from agent.config_holder import ConfigHolder
 from agent.errors import ConfigError, StartupError
 from agent.http import HttpApi, HttpDeps
+from agent.live import LiveHub, LiveTap
+from agent.live_state import BacklogClock, refresh_gauges
 from agent.logging import configure as configure_logging
 from agent.model import iso, utcnow
 from agent.monitor import Monitor
 from agent.mpm_bridge import MpmBridge
 from agent.mqtt import Incoming, MqttSink
+from agent.northbound.fanout import ProfileSink
 from agent.outbox import Outbox
 from agent.runner import RunningDriver
 from agent.store import Store
@@ -47,11 +50,14 @@ class Supervisor:
         self.store = Store(cfg.agent.state_dir, cfg.mqtt.buffer_max_messages)
         self.monitor: Monitor | None = None
         self.mqtt: MqttSink | None = None
+        self.northbound: ProfileSink | None = None
         self.router: CommandRouter | None = None
         self.runners: dict[str, RunningDriver] = {}
         self.driver_tasks: dict[str, asyncio.Task[None]] = {}
         self.mpm: MpmBridge | None = None  # the MPM link (idle without [mpm]; a reload may start it)
         self.http: HttpApi | None = None
+        self.hub = LiveHub()  # the live view: what the monitor commits also goes to WebSocket clients
+        self.backlog = BacklogClock(self.store)  # the age of the oldest waiting message, for /metrics
         self._tg: asyncio.TaskGroup | None = None
         self._mqtt_task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
@@ -96,11 +102,13 @@ class Supervisor:
         components: dict[str, Any] = {}
         mqtt = self.mqtt
         if mqtt is not None:
+            self.sample_broker()
             down_for = None if mqtt.connected or mqtt.down_since is None else round(now - mqtt.down_since, 1)
             components["mqtt"] = {
                 "status": "up" if mqtt.connected else "down",
                 "down_for_s": down_for,
                 "error": None if mqtt.connected else mqtt.last_error,
+                "link": linkstats.link("broker").report(),
             }
             if not mqtt.connected:
                 degraded = True
@@ -124,6 +132,7 @@ class Supervisor:
                 "equipment_status": self.status_of(eq.id),
                 "last_success": self._last_success(eq.id),
                 "error": link["error"],
+                "link": link.get("link"),
             }
             degraded = degraded or link["status"] != "up"
         components["drivers"] = drivers
@@ -131,6 +140,7 @@ class Supervisor:
             # MPM down (unreachable, credentials refused) degrades health but never makes it 503: restarting
             # the agent cannot fix MPM, and nothing is lost while the outbox holds its items.
             outbox = self.outbox.health()
+            outbox["link"] = linkstats.link("mpm").report()
             components["outbox"] = outbox
             degraded = degraded or outbox["status"] != "up" or bool(outbox["dead_letters"])
         status = "ok" if healthy and not degraded else "degraded"
@@ -145,9 +155,21 @@ class Supervisor:
 
     def refresh_metrics(self) -> None:
         """Gauges read at scrape time."""
+        self.sample_broker()
         metrics.STORE_DEPTH.set(self.store.depth)
         if self.outbox is not None:
             metrics.OUTBOX_DEPTH.set(self.outbox.depth())
+        refresh_gauges(self.monitor, self.backlog, self.outbox)
+
+    def sample_broker(self) -> None:
+        """The broker link's health follows the MQTT sink's connection, looked at twice a second (`_links`)."""
+        if self.mqtt is not None:
+            linkstats.link("broker").follow(self.mqtt.connected, self.mqtt.last_error)
+
+    async def _links(self) -> None:
+        while not self.stop_event.is_set():
+            self.sample_broker()
+            await asyncio.sleep(0.5)
 
     # -- run
 
@@ -162,7 +184,10 @@ class Supervisor:
                 self.store.open()
             except (OSError, sqlite3.Error) as err:
                 raise StartupError(f"agent.state_dir {self.cfg.agent.state_dir} cannot be written: {err}") from err
-            self.monitor = Monitor(self.cfg, self.store, self._stale_defaults(self.cfg))
+            # The monitor's messages reach the store through the profiles configured (`[mqtt] profiles`).
+            self.northbound = ProfileSink(self.store, lambda: self.cfg)
+            # What the monitor commits also reaches the live view's WebSocket clients (`agent.live`).
+            self.monitor = Monitor(self.cfg, LiveTap(self.northbound, self.hub), self._stale_defaults(self.cfg))
             self.router = CommandRouter(self.cfg, self.store, self.status_of, self.driver_of)
             self._follow_reloads(self.monitor, self.router)
             await self._start_services()
@@ -174,6 +199,7 @@ class Supervisor:
                 for eq in self.cfg.equipment:
                     self._start_driver(eq)
                 tg.create_task(sd.watchdog(self.stop_event), name="watchdog")
+                tg.create_task(self._links(), name="links")
                 self.ready.set()
                 sd.notify(f"READY=1\nSTATUS=running: {len(self.cfg.equipment)} equipment")
                 log.info("started", session=self.session, version=__version__, equipment=len(self.cfg.equipment))
@@ -237,6 +263,7 @@ class Supervisor:
             health=self.health,
             refresh_metrics=self.refresh_metrics,
             dead_letters=lambda: self.outbox,
+            hub=self.hub,
         )
         self.http = HttpApi(deps)
         try:
@@ -266,6 +293,8 @@ class Supervisor:
             started_at=self.started_at,
             on_connected=monitor.republish_statuses,
             on_message=self._on_message,
+            northbound=self.northbound,
+            execute=self.router.execute if self.router is not None else None,
         )
         self._mqtt_task = self._tg.create_task(self.mqtt.run(), name="sink[mqtt]")
 
@@ -327,6 +356,8 @@ class Supervisor:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        for eid in removed:
+            linkstats.LINKS.pop(f"driver:{eid}", None)  # its health leaves /metrics with it
         self.config.replace(new)  # the monitor, the router and the store follow through their listeners
         for eid in changed + added:
             self._start_driver(new_eq[eid])

@@ -10,8 +10,14 @@ if [ ! -x .venv/bin/python ]; then
   python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || { as_root apt-get update; as_root apt-get install -y python3-venv; }
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+# An editable install sees code changes by itself: reinstall only when the package metadata changed.
+stamp=.venv/.edge-agent-demo-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x .venv/bin/edge-agent ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e .
+  echo "$want" > "$stamp"
+fi
 
 pids=()
 cleanup() {
@@ -41,8 +47,16 @@ fi
 
 mkdir -p state drops
 .venv/bin/edge-agent simulate --config agent.toml 2> state/simulate.log &
-pids+=($!)
-sleep 1
+sim=$!
+pids+=($sim)
+# The daemon starts once every simulator the shipped config points at listens (OPC UA, Modbus, MPM, printer).
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for _ in $(seq 300); do
+  kill -0 "$sim" 2>/dev/null || { echo "the simulators stopped: see state/simulate.log" >&2; tail -5 state/simulate.log >&2; exit 1; }
+  listening 4840 && listening 5020 && listening 8780 && [ -e state/printer-1.tty ] && break
+  sleep 0.1
+done
+listening 4840 && listening 5020 && listening 8780 || { echo "the simulators did not come up: see state/simulate.log" >&2; exit 1; }
 .venv/bin/edge-agent run --config agent.toml 2> state/agent.log &
 pids+=($!)
 echo "daemon log: state/agent.log, simulators: state/simulate.log; live MQTT traffic follows (Ctrl-C stops)"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Install edge-agent as a systemd service from this checkout (run as root):
-#   - the package into its own virtualenv ($PREFIX/venv, default /opt/edge-agent/venv);
+#   - the package into its own virtualenv ($PREFIX/venv, default /opt/edge-agent/venv); with WHEELHOUSE=DIR
+#     from wheels in DIR only, without a network (see docs/operations.md);
 #   - /etc/edge-agent/agent.toml (a commented starting point, kept if present) and /etc/edge-agent/credentials/;
-#   - the unit, and a drop-in passing every file in credentials/ to the service with LoadCredential;
+#   - the unit, a drop-in passing every file in credentials/ to the service with LoadCredential, and a
+#     drop-in making the folders the config writes (a file drop's folders) writable: ReadWritePaths=;
 #   - systemctl daemon-reload and enable (not start: edit the config first).
-# Re-run it after adding a secret file to credentials/.
+# Re-run it after adding a secret file to credentials/ or a folder to the config. Undo: systemd/uninstall.sh.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 prefix=${PREFIX:-/opt/edge-agent}
@@ -18,8 +20,12 @@ if [ -z "${SKIP_VENV:-}" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv
   }
   python3 -m venv "$prefix/venv"
-  "$prefix/venv/bin/python" -m pip install -q --upgrade pip
-  "$prefix/venv/bin/python" -m pip install -q "$src"
+  if [ -n "${WHEELHOUSE:-}" ]; then
+    "$prefix/venv/bin/python" -m pip install -q --no-index --find-links "$WHEELHOUSE" edge-agent
+  else
+    "$prefix/venv/bin/python" -m pip install -q --upgrade pip
+    "$prefix/venv/bin/python" -m pip install -q "$src"
+  fi
 fi
 
 install -d -m 0755 "$etc"
@@ -28,20 +34,15 @@ if [ ! -f "$etc/agent.toml" ]; then
   install -m 0644 "$src/systemd/agent.toml" "$etc/agent.toml"
 fi
 
-install -d -m 0755 "$unit_dir" "$unit_dir/edge-agent.service.d"
+install -d -m 0755 "$unit_dir"
 sed -e "s#/opt/edge-agent/venv/bin/edge-agent#$bin#g" -e "s#/etc/edge-agent/#$etc/#g" \
   "$src/systemd/edge-agent.service" > "$unit_dir/edge-agent.service"
-{
-  echo "# Written by install.sh: one credential per file in $etc/credentials/"
-  echo "[Service]"
-  for f in "$etc"/credentials/*; do
-    [ -f "$f" ] && echo "LoadCredential=$(basename "$f"):$f"
-  done
-} > "$unit_dir/edge-agent.service.d/credentials.conf"
+bash "$src/systemd/write-dropins.sh" "$bin" "$etc" "$unit_dir"
 
 if [ -z "${NO_SYSTEMCTL:-}" ]; then
   systemctl daemon-reload
   systemctl enable edge-agent.service
 fi
 echo "edge-agent installed: edit $etc/agent.toml, put secrets in $etc/credentials/ (then re-run this script),"
-echo "check with '$bin check-config --config $etc/agent.toml', start with 'systemctl start edge-agent'."
+echo "check it as the service sees it with '$bin check-config --config $etc/agent.toml --credentials $etc/credentials',"
+echo "start with 'systemctl start edge-agent'."

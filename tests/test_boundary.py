@@ -33,8 +33,8 @@ SHIMS: dict[str, str] = {
 #: not listed here: every module but `config` and the simulator's own `sim*` modules. The package itself
 #: (`__init__`) counts too, since it re-exports the driver.
 SIM_FORBIDDEN: dict[str, frozenset[str]] = {
-    "opcua": frozenset({"driver", "convert", "subscription", "publish", "security"}),
-    "modbus": frozenset({"driver", "codec", "planner", "client"}),
+    "opcua": frozenset({"driver", "convert", "subscription", "publish", "security", "commission"}),
+    "modbus": frozenset({"driver", "codec", "planner", "client", "commission"}),
     "printer": frozenset({"serial", "marlin", "lines", "window", "reports", "commands", "stream"}),
     "file_drop": frozenset(
         {

@@ -52,8 +52,8 @@ def _bind(fn: Any, eq: EquipmentConfig, state_dir: Path) -> Callable[[], Corouti
     return lambda: fn(eq, state_dir)
 
 
-async def serve(cfg: AgentConfig) -> None:
-    """Run every simulator until SIGTERM/SIGINT."""
+async def serve(cfg: AgentConfig) -> bool:
+    """Run every simulator until SIGTERM/SIGINT; False when one failed (a port it cannot bind)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -66,14 +66,19 @@ async def serve(cfg: AgentConfig) -> None:
     log.info("simulating", simulators=len(tasks))
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    failed = False
     for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            log.error("simulator_failed", simulator=t.get_name(), error=str(t.exception()))
+        if t.done() and not t.cancelled():
+            # A simulator only returns when it could not serve: an exception, or a return of its own.
+            failed = True
+            err = t.exception()
+            log.error("simulator_failed", simulator=t.get_name(), error=str(err) if err else "stopped")
     for t in [waiter, *tasks]:
         t.cancel()
     with contextlib.suppress(Exception):
         await asyncio.gather(*tasks, return_exceptions=True)
     log.info("simulators_stopped")
+    return not failed
 
 
 def run_simulators(path: Path) -> int:
@@ -85,5 +90,4 @@ def run_simulators(path: Path) -> int:
             print(line)
         return 2
     configure_logging(cfg.agent.log_level, cfg.agent.log_format)
-    asyncio.run(serve(cfg))
-    return 0
+    return 0 if asyncio.run(serve(cfg)) else 1

@@ -27,8 +27,10 @@ from drivers.sdk.driver import Driver, DriverContext, PollingDriver, refuse_unkn
 from drivers.sdk.errors import AgentError, CommandError, ConfigError, DataError, RejectedError, TransientError
 from drivers.sdk.events import (
     STATUSES,
+    Checkpoint,
     CommandResult,
     ConnectionState,
+    DeviceAlerts,
     Event,
     QualityResult,
     Reading,
@@ -51,6 +53,7 @@ __all__ = [
     "VOCABULARY",
     "AgentError",
     "AlertConfig",
+    "Checkpoint",
     "CommandBase",
     "CommandError",
     "CommandKind",
@@ -59,6 +62,7 @@ __all__ = [
     "ConnectionState",
     "CountingMetrics",
     "DataError",
+    "DeviceAlerts",
     "Driver",
     "DriverContext",
     "DriverMetrics",

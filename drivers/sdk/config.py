@@ -232,6 +232,8 @@ class EquipmentBase(Model):
     ] = "other"
     driver: str
     name: str | None = None
+    # Where the equipment sits in the plant (the UNS profile's topic root): "enterprise/site/area/line/cell".
+    location: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
     stale_after_s: float | None = Field(None, ge=0)
     status: StatusConfig | None = None
     parameters: dict[str, str] = Field(default_factory=dict)

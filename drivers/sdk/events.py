@@ -92,7 +92,33 @@ class Unchanged:
     ts: datetime
 
 
-Event = Reading | ConnectionState | StatusFact | QualityResult | Unchanged
+@dataclass(slots=True)
+class DeviceAlerts:
+    """The alerts a device raises by itself on one source (a condition it reports), given whole each time.
+
+    `active` maps each native code to its (severity, message), severity one of info, warning, critical.
+    An alert stays active, keeping its id, until a later DeviceAlerts for the same source leaves its
+    code out: it is then cleared with the same id. Giving the whole set makes a resync idempotent.
+    """
+
+    source: str
+    active: dict[str, tuple[str, str]]
+    ts: datetime
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """Asks to be told when everything the driver handed over before it is in the durable store.
+
+    The pipeline resolves `done` with True once it is (at once when nothing waits). A driver that keeps a
+    position in its source (a sequence number) saves it only then: after a crash it reads again nothing
+    already stored and leaves out nothing that was not. A driver never waits for it: it checks `done`.
+    """
+
+    done: asyncio.Future[bool]
+
+
+Event = Reading | ConnectionState | StatusFact | QualityResult | Unchanged | DeviceAlerts | Checkpoint
 
 
 @dataclass(slots=True)

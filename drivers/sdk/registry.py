@@ -32,6 +32,7 @@ BUILTIN = (
     DriverSpec("modbus", "drivers.modbus.driver:ModbusDriver", "drivers.modbus.sim:simulate"),
     DriverSpec("serial_printer", "drivers.printer.serial:SerialPrinterDriver", "drivers.printer.sim:simulate"),
     DriverSpec("file_drop", "drivers.file_drop.driver:FileDropDriver", "drivers.file_drop.sim:simulate"),
+    DriverSpec("mtconnect", "drivers.mtconnect.driver:MTConnectDriver", "drivers.mtconnect.sim:simulate"),
 )
 
 _specs: dict[str, DriverSpec] = {spec.name: spec for spec in BUILTIN}

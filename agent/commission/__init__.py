@@ -1,0 +1,1 @@
+"""Commissioning: the generated reference, config samples and schema, the dry run, browse and scan."""

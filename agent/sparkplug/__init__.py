@@ -1,0 +1,27 @@
+"""The Sparkplug B 3.0 edge node: the agent is the edge node, each equipment a device.
+
+`payload` encodes with the generated protobuf schema (`sparkplug_b.proto`), `node` keeps the node's
+session (bdSeq, seq, aliases, births, commands) and `link` plugs it into the MQTT sink.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAMESPACE = "spBv1.0"
+
+
+def group_id(cfg: Any) -> str:
+    """The configured group, by default the agent's site (`cfg` is an `AgentConfig`)."""
+    return str(cfg.mqtt.sparkplug.group_id or cfg.agent.site)
+
+
+def topic(cfg: Any, message_type: str, device: str | None = None) -> str:
+    """`spBv1.0/<group>/<type>/<edge node>[/<device>]`; the edge node id is the agent id."""
+    head = f"{NAMESPACE}/{group_id(cfg)}/{message_type}/{cfg.agent.id}"
+    return head if device is None else f"{head}/{device}"
+
+
+def is_sparkplug(topic_name: str) -> bool:
+    """Whether a stored message belongs to the Sparkplug stream."""
+    return topic_name.startswith(NAMESPACE + "/")
