@@ -49,14 +49,14 @@ mkdir -p state drops
 .venv/bin/edge-agent simulate --config agent.toml 2> state/simulate.log &
 sim=$!
 pids+=($sim)
-# The daemon starts once every simulator the shipped config points at listens (OPC UA, Modbus, MPM, printer).
+# The daemon starts once every simulator the shipped config points at listens (OPC UA, Modbus, MTConnect, MPM, printer).
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for _ in $(seq 300); do
   kill -0 "$sim" 2>/dev/null || { echo "the simulators stopped: see state/simulate.log" >&2; tail -5 state/simulate.log >&2; exit 1; }
-  listening 4840 && listening 5020 && listening 8780 && [ -e state/printer-1.tty ] && break
+  listening 4840 && listening 5020 && listening 5000 && listening 8780 && [ -e state/printer-1.tty ] && break
   sleep 0.1
 done
-listening 4840 && listening 5020 && listening 8780 || { echo "the simulators did not come up: see state/simulate.log" >&2; exit 1; }
+listening 4840 && listening 5020 && listening 5000 && listening 8780 || { echo "the simulators did not come up: see state/simulate.log" >&2; exit 1; }
 .venv/bin/edge-agent run --config agent.toml 2> state/agent.log &
 pids+=($!)
 echo "daemon log: state/agent.log, simulators: state/simulate.log; live MQTT traffic follows (Ctrl-C stops)"

@@ -54,6 +54,11 @@ def plan(saved: tuple[str, int] | None, header: Header) -> tuple[Start, Lost | N
     return Start.RESUME, None
 
 
+# What this process has handed on, by cursor file: a driver reconnecting in the same daemon goes on from
+# there (the pipeline holds it, stored or about to be), not from the file, which lags behind by design.
+_HANDED: dict[Path, tuple[str, tuple[str, int]]] = {}
+
+
 class Cursor:
     """The next sequence to read from one agent's device, and the last one known stored, in a JSON file.
 
@@ -69,7 +74,11 @@ class Cursor:
         self.saved: tuple[str, int] | None = None
 
     def load(self) -> tuple[str, int] | None:
-        """The saved (instanceId, next sequence), or None when there is none for this source."""
+        """Where to go on: what this process handed on last, else the saved (instanceId, next sequence);
+        None when there is neither for this source."""
+        handed = _HANDED.get(self.path)
+        if handed is not None and handed[0] == self.source:
+            return handed[1]
         try:
             data = load_json(self.path.read_bytes(), max_bytes=4096, what=str(self.path))
         except (OSError, InputError):
@@ -83,8 +92,10 @@ class Cursor:
         return self.saved
 
     def set(self, instance_id: str, nxt: int) -> None:
+        """The position after what has just been handed on."""
         self.instance_id = instance_id
         self.next = nxt
+        _HANDED[self.path] = (self.source, (instance_id, nxt))
 
     def position(self) -> tuple[str, int] | None:
         """Where the cursor is now, to be saved later."""

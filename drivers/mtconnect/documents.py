@@ -164,16 +164,16 @@ def parse_probe(body: bytes, device: str | None = None) -> tuple[Header, Device]
     return header, out
 
 
-def _value(el: ET.Element) -> object:
+def _value(el: ET.Element, name: str) -> object:
     """An observation's value: its text, a data set's or table's entries, a time series' numbers."""
-    entries = [c for c in el if local(c.tag) == "Entry"]
-    if entries:
+    if len(el):
         return {
             e.get("key", ""): ({local(c.tag): (c.text or "") for c in e} if len(e) else (e.text or "").strip())
-            for e in entries
+            for e in el
+            if local(e.tag) == "Entry"
         }
     text = (el.text or "").strip()
-    if local(el.tag).endswith("TimeSeries") and text != UNAVAILABLE:
+    if name.endswith("TimeSeries") and text != UNAVAILABLE:
         return [float(x) for x in text.split()]
     return text
 
@@ -189,25 +189,23 @@ def parse_streams(body: bytes, items: dict[str, DataItem] | None = None) -> Stre
         raise DataError(f"streams: expected MTConnectStreams, got {local(root.tag)}")
     header = _header(root, "streams")
     out: list[Observation] = []
-    for group in root.iter():
-        kind = local(group.tag)
-        if kind not in ("Samples", "Events", "Condition"):
+    stamps: dict[str, datetime] = {}  # an adapter stamps many observations alike: parse each text once
+    for el in root.iter():
+        item_id = el.get("dataItemId")  # only observations carry one
+        if item_id is None or (items is not None and item_id not in items):
             continue
-        for el in group:
-            item_id = el.get("dataItemId")
-            if not item_id or (items is not None and item_id not in items):
-                continue
-            try:
-                seq = int(el.get("sequence", ""))
-                ts = parse_iso(el.get("timestamp", ""))
-                value = _value(el)
-            except ValueError as err:
-                raise DataError(f"streams: observation of {item_id!r}: {err}") from None
-            if kind == "Condition":
-                level = local(el.tag)
-                out.append(Observation(item_id, seq, ts, value, level, el.get("nativeCode")))
-            else:
-                out.append(Observation(item_id, seq, ts, value))
+        name = local(el.tag)
+        text = el.get("timestamp", "")
+        try:
+            seq = int(el.get("sequence", ""))
+            ts = stamps.get(text) or stamps.setdefault(text, parse_iso(text))
+            value = _value(el, name)
+        except ValueError as err:
+            raise DataError(f"streams: observation of {item_id!r}: {err}") from None
+        if name in CONDITION_LEVELS and (items is None or items[item_id].category == "CONDITION"):
+            out.append(Observation(item_id, seq, ts, value, name, el.get("nativeCode")))
+        else:
+            out.append(Observation(item_id, seq, ts, value))
     out.sort(key=lambda o: o.sequence)
     return Streams(header, out)
 

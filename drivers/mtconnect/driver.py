@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -113,12 +112,8 @@ class MTConnectDriver(Driver):
                 self.sources[item.id] = tags[0].name if tags else item.name or item.id
 
     async def close(self) -> None:
-        self._save_confirmed()
-        # A position whose checkpoint the pipeline has not confirmed yet (its last flush comes after the
-        # drivers stop) is saved when it is.
-        for done, position in self._marks:
-            done.add_done_callback(self._saver(position))
-        self._marks.clear()
+        # A position the pipeline has not confirmed yet (its last flush comes after the drivers stop) is
+        # saved when it is, by its checkpoint's callback.
         if self.session is not None:
             session, self.session = self.session, None
             await session.close()
@@ -157,7 +152,6 @@ class MTConnectDriver(Driver):
         yield self._checkpoint()
         interval = self.conn.poll_interval_ms / 1000
         while True:
-            self._save_confirmed()
             started = time.monotonic()
             events, more = await self._sample()
             for ev in events:
@@ -173,7 +167,13 @@ class MTConnectDriver(Driver):
         position = self._marked = self.cursor.position()
         if position is not None:
             self._marks.append((done, position))
+            # Saved as soon as confirmed: a daemon killed between the store's commit and this write
+            # is the only moment that reads one delivery again.
+            done.add_done_callback(self._confirmed)
         return Checkpoint(done)
+
+    def _confirmed(self, done: asyncio.Future[bool]) -> None:
+        self._save_confirmed()
 
     def _save_confirmed(self) -> None:
         confirmed = None
@@ -181,13 +181,6 @@ class MTConnectDriver(Driver):
             confirmed = self._marks.popleft()[1]
         if confirmed is not None:
             self._save(confirmed)
-
-    def _saver(self, position: tuple[str, int]) -> Callable[[asyncio.Future[bool]], None]:
-        def save(done: asyncio.Future[bool]) -> None:
-            if not done.cancelled():
-                self._save(position)
-
-        return save
 
     def _save(self, position: tuple[str, int]) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -275,6 +276,11 @@ async def test_a_buffer_wrapping_between_polls_is_counted_too(tmp_path: Path) ->
         await agent.stop()
 
 
+def on_disk(path: Path) -> tuple[str, int]:
+    data = json.loads(path.read_text())
+    return data["instance_id"], data["next"]
+
+
 def agent_first(lost: list[dict[str, Any]]) -> int:
     return int(lost[0]["last"])
 
@@ -341,11 +347,12 @@ async def test_the_position_is_saved_only_once_the_pipeline_has_stored_what_came
         held[0].done.set_result(True)
         lathe.step()
         await anext(stream)  # the next poll saves what is confirmed, not more
-        assert driver.cursor.load() == first
+        assert on_disk(driver.cursor.path) == first
         await stream.aclose()
         held[1].done.set_result(True)  # confirmed after the driver closed: saved then
         await asyncio.sleep(0)
     assert driver.cursor.saved is not None and first is not None
+    assert on_disk(driver.cursor.path) == driver.cursor.saved
     assert first[1] < driver.cursor.saved[1] < agent.next_seq  # the second poll's position, not the third's
 
 
@@ -374,3 +381,32 @@ async def test_a_status_tag_in_the_config_replaces_the_standard_vocabulary(agent
         await steps(lathe, run, 5)
     assert run.statuses() == []  # the monitor maps the tag, as for any driver
     assert run.values("execution")[:2] == ["READY", "ACTIVE"]
+
+
+async def test_a_reconnect_in_the_same_daemon_goes_on_from_what_it_handed_on(agent: SimAgent, tmp_path: Path) -> None:
+    """The file lags until the pipeline confirms; a driver reconnecting meanwhile must not read again."""
+    eq = equipment(tmp_path, agent_url(agent))
+    lathe = Lathe(agent, seed=10)
+    first = MTConnectDriver(eq, DriverContext(state_dir=tmp_path / "state"))
+    values: list[Any] = []
+    async with first:
+        stream = first.events()
+        while not isinstance(await anext(stream), Checkpoint):
+            pass  # the state from /current
+        for _ in range(6):
+            lathe.step()
+        while True:
+            ev = await anext(stream)  # checkpoints never confirmed: nothing saved
+            if isinstance(ev, Reading) and ev.tag == "line" and ev.quality == "good":
+                values.append(ev.value)
+            if isinstance(ev, Checkpoint) and first.cursor.next == agent.next_seq:
+                break
+        await stream.aclose()
+    assert not first.cursor.path.exists()
+    for _ in range(4):
+        lathe.step()
+    with capture_logs() as logs:
+        async with Run(eq, tmp_path / "state") as second:
+            await steps(lathe, second, 2)
+    assert any(e["event"] == "stream_resumed" for e in logs)
+    assert values + second.values("line") == list(range(1, lathe.line + 1))

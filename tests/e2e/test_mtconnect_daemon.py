@@ -116,7 +116,7 @@ def test_status_telemetry_with_units_and_condition_alerts(tmp_path: Path, broker
         peer.close()
 
 
-def test_sigkill_resumes_from_the_persisted_sequence_without_gap_or_duplicate(tmp_path: Path, broker: Broker) -> None:
+def test_restarts_resume_from_the_persisted_sequence_without_gap_or_duplicate(tmp_path: Path, broker: Broker) -> None:
     peer = LathePeer()
     cfg = write_config(tmp_path, broker.port, equipment(peer.url))
     rec = Recorder(broker.port, [f"{R}/#"])
@@ -130,6 +130,10 @@ def test_sigkill_resumes_from_the_persisted_sequence_without_gap_or_duplicate(tm
         daemon.start()
         daemon.wait_log("stream_resumed")
         rec.wait_for(lambda ms: len(lines(rec)) >= before + 30, "line values after the restart")
+        assert daemon.stop() == 0  # and a clean stop keeps the last position too
+        daemon.start()
+        daemon.wait_log("stream_resumed", count=2)
+        rec.wait_for(lambda ms: len(lines(rec)) >= before + 50, "line values after the clean restart")
         peer.stop_stepping()
         last = peer.call(lambda: peer.lathe.line)
         rec.wait_for(lambda ms: lines(rec)[-1:] == [last], "every line value")

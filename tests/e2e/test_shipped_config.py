@@ -19,15 +19,16 @@ R = "edge/demo-plant/cell-1"
 def shipped_copy(tmp: Path, broker_port: int) -> tuple[Path, dict[str, int]]:
     """agent.toml copied into `tmp` with every port rewritten to a free one (paths are relative already)."""
     text = (ROOT / "agent.toml").read_text()
-    ports = {name: free_port() for name in ("opcua", "modbus", "mpm", "http")}
+    ports = {name: free_port() for name in ("opcua", "modbus", "mpm", "http", "mtconnect")}
     text = text.replace("mqtt://127.0.0.1:1883", f"mqtt://127.0.0.1:{broker_port}")
     text = text.replace("opc.tcp://127.0.0.1:4840", f"opc.tcp://127.0.0.1:{ports['opcua']}")
     text = re.sub(r"^port = 5020$", f"port = {ports['modbus']}", text, flags=re.M)
     text = text.replace("127.0.0.1:8780", f"127.0.0.1:{ports['mpm']}")
     text = text.replace("127.0.0.1:8710", f"127.0.0.1:{ports['http']}")
+    text = text.replace("http://127.0.0.1:5000", f"http://127.0.0.1:{ports['mtconnect']}")
     text = text.replace("reconnect_max_s = 10", "reconnect_max_s = 1")
     values = "\n".join(line.split("#")[0] for line in text.splitlines())
-    assert not re.search(r"\b(1883|4840|5020|8780|8710)\b", values), "a default port left in the copy"
+    assert not re.search(r"\b(1883|4840|5020|8780|8710|5000)\b", values), "a default port left in the copy"
     path = tmp / "agent.toml"
     path.write_text(text)
     return path, ports
