@@ -15,7 +15,7 @@ from agent.commission.sample import sample
 from agent.commission.schema import schema
 from agent.config import parse_config
 from agent.errors import ConfigError
-from drivers.sdk.registry import known_drivers
+from drivers.sdk.registry import builtin_drivers
 from peers import ROOT
 
 DOC = ROOT / "docs" / "configuration.md"
@@ -59,11 +59,11 @@ def test_reference_rows_carry_type_default_and_unit() -> None:
     assert "byte_order" in DOC.read_text() and "serial_port" in DOC.read_text()
 
 
-@pytest.mark.parametrize("drivers", [None, *[[d] for d in known_drivers()]])
+@pytest.mark.parametrize("drivers", [None, *[[d] for d in builtin_drivers()]])
 def test_every_sample_passes_check_config(tmp_path: Path, drivers: list[str] | None) -> None:
     text = sample(drivers)
     cfg = parse_config(text, tmp_path / "agent.toml")
-    assert len(cfg.equipment) == (len(drivers) if drivers else len(known_drivers()))
+    assert len(cfg.equipment) == (len(drivers) if drivers else len(builtin_drivers()))
     # every optional key is there, commented out, with its default
     assert "# reconnect_max_s = 30.0" in text
 

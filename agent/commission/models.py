@@ -16,7 +16,7 @@ from agent.commission.meanings import MEANINGS
 from agent.commission.meanings_drivers import DRIVER_MEANINGS
 from agent.config import AgentSection, ApiKey, HttpSection, MpmSection, MqttSection
 from drivers.sdk.config import AlertConfig, EquipmentBase, StatusConfig
-from drivers.sdk.registry import get_driver, known_drivers
+from drivers.sdk.registry import builtin_drivers, get_driver
 
 CORE_SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("[agent]", AgentSection),
@@ -92,7 +92,7 @@ def all_sections() -> list[tuple[str | None, str, type[BaseModel]]]:
     """(driver or None, table, model) for every section of the config, nested tables included."""
     listed = {m for _, m in CORE_SECTIONS}
     out = _with_nested(None, CORE_SECTIONS, listed)
-    for driver in known_drivers():
+    for driver in builtin_drivers():
         sections = driver_sections(driver)
         out += _with_nested(driver, sections, listed | {m for _, m in sections})
     return out

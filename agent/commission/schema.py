@@ -7,12 +7,12 @@ from typing import Annotated, Any, Union
 from pydantic import Field, create_model
 
 from agent.config import AgentConfig, equipment_variant
-from drivers.sdk.registry import known_drivers
+from drivers.sdk.registry import builtin_drivers
 
 
 def schema() -> dict[str, Any]:
     """The JSON Schema: `[[equipment]]` is one of the drivers' models, chosen by its `driver` key."""
-    variants = tuple(equipment_variant(d) for d in known_drivers())
+    variants = tuple(equipment_variant(d) for d in builtin_drivers())
     item: Any = Annotated[Union[variants], Field(discriminator="driver")] if len(variants) > 1 else variants[0]  # noqa: UP007
     model = create_model(
         "EdgeAgentConfig",

@@ -68,6 +68,11 @@ def _simulator(name: str) -> str | None:
     return spec.simulator if spec is not None else None
 
 
+def builtin_drivers() -> list[str]:
+    """The drivers that ship with the agent (what the reference documents), in registry order."""
+    return [spec.name for spec in BUILTIN]
+
+
 def known_drivers() -> list[str]:
     """Every driver name a config may use: the built-ins and those registered so far."""
     return sorted(_specs)
