@@ -53,14 +53,28 @@ def api_url(config: str | None) -> tuple[str, str | None]:
     return f"http://{'[' + host + ']' if ':' in host else host}:{cfg.http.port}", None
 
 
-def _fetch(url: str, key: str | None) -> dict[str, Any]:
-    req = urllib.request.Request(url.rstrip("/") + "/api/v1/equipment")
+def _get(url: str, path: str, key: str | None) -> dict[str, Any]:
+    req = urllib.request.Request(url.rstrip("/") + path)
     if key:
         req.add_header("Authorization", f"Bearer {key}")
     with urllib.request.urlopen(req, timeout=10) as resp:
         data = json.loads(resp.read())
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
+    return data
+
+
+def _fetch(url: str, key: str | None, alerts: bool = False) -> dict[str, Any]:
+    """The equipment list; with `alerts`, each equipment's active alerts from `/api/v1/alerts` beside it."""
+    data = _get(url, "/api/v1/equipment", key)
+    if alerts:
+        try:
+            active = _get(url, "/api/v1/alerts", key).get("alerts") or []
+        except (urllib.error.URLError, OSError, ValueError):
+            active = []  # a daemon without the route: the table without alerts
+        for eq in data.get("equipment", []):
+            eid = eq.get("equipment_id")
+            eq["alerts"] = [a for a in active if isinstance(a, dict) and a.get("equipment_id") == eid]
     return data
 
 
@@ -107,7 +121,7 @@ def status(url: str | None, key_file: str | None, config: str | None, watch: flo
             return 1
     while True:
         try:
-            data = _fetch(url, key)
+            data = _fetch(url, key, alerts=watch is not None)
         except urllib.error.HTTPError as err:
             print(f"{url}: HTTP {err.code}", file=sys.stderr)
             return 1

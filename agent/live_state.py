@@ -20,7 +20,7 @@ RECENT_QUALITY = 50  # quality results the status page lists
 
 def active_alerts(monitor: Monitor) -> list[dict[str, Any]]:
     """Every active alert, oldest first: its id, equipment, tag, severity, threshold, message, since
-    (when it was raised, kept across restarts) and value (the tag's current value, when known). An alert
+    (when it was raised, kept across restarts), value (the value that raised it) and current_value. An alert
     the device raised itself (an MTConnect condition) has its source as tag and its code as value."""
     out = []
     for eid, st in list(monitor.equipment.items()):
@@ -41,7 +41,8 @@ def active_alerts(monitor: Monitor) -> list[dict[str, Any]]:
                     threshold=cfg.threshold,
                     clear_threshold=cfg.clear_threshold,
                     message=cfg.message,
-                    value=None if reading is None else json_safe(reading.value),
+                    value=active.get("value"),  # the value that raised it (None for one raised before it was kept)
+                    current_value=None if reading is None else json_safe(reading.value),
                 )
             elif "severity" in active:  # alert|{eid}|device|{source}|{code}
                 parts = key.split("|", 4)

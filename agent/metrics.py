@@ -100,6 +100,12 @@ MQTT_REPLAYED = Counter(
 )
 MQTT_CONNECTED = Gauge("edge_agent_mqtt_connected", "1 while connected to the broker", registry=REGISTRY)
 MQTT_CONNECTS = Counter("edge_agent_mqtt_connects_total", "Successful broker connections", registry=REGISTRY)
+MQTT_ACK_SECONDS = Histogram(
+    "edge_agent_mqtt_ack_seconds",
+    "Publish to PUBACK round trip with the broker (one message in flight at a time is timed)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
 STORE_DEPTH = Gauge("edge_agent_store_depth", "Messages waiting in the durable store", registry=REGISTRY)
 STORE_STORED = Counter("edge_agent_store_stored_total", "Messages committed to the store", ["kind"], registry=REGISTRY)
 STORE_EVICTED = Counter(

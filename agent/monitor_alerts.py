@@ -97,7 +97,7 @@ def check_alerts(store: Sink, topics: Topics, st: EquipmentState, tag: str, r: R
         if active is None:
             if (above and value > a.threshold) or (not above and value < a.threshold):
                 alert_id = str(uuid.uuid4())
-                active = {"alert_id": alert_id, "since": iso(utcnow())}
+                active = {"alert_id": alert_id, "since": iso(utcnow()), "value": json_safe(r.value)}
                 st.active_alerts[key] = active
                 store.set_state(key, active)
                 _publish(store, topics, st, a, alert_id, r, a.threshold, "active")

@@ -27,7 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent import metrics, topics
 from agent.config import AgentConfig
 from agent.mqtt_client import Incoming, close_client, incoming, new_client
-from agent.mqtt_streams import FETCH, ReplayPace, Stream
+from agent.mqtt_streams import FETCH, AckProbe, ReplayPace, Stream
 from agent.northbound.connect import profile_births
 from agent.northbound.fanout import ProfileSink
 from agent.reconnect import Backoff, Transitions, describe
@@ -44,10 +44,9 @@ log = structlog.get_logger("edge_agent.mqtt")
 
 WINDOW = 200  # messages handed to paho and not yet acknowledged
 LIVE_RESERVE = 50  # of the window, never filled by the replay: live traffic never waits for its acks
-# Acknowledged messages leave the store in batches: at most DELETE_BATCH, at the latest DELETE_DELAY_S after
-# the first (a message acknowledged but not yet deleted goes out again after a crash: a duplicate, not a loss).
-DELETE_BATCH = 500
-DELETE_DELAY_S = 0.05
+# Acknowledged messages leave the store in batches: at most DELETE_BATCH, at the latest DELETE_DELAY_S after the
+# first (acknowledged but not yet deleted goes out again after a crash: a duplicate, not a loss).
+DELETE_BATCH, DELETE_DELAY_S = 500, 0.05
 HISTORICAL = b',"is_historical":true}'
 
 
@@ -84,6 +83,7 @@ class MqttSink:
         self._client: paho.Client | None = None
         self._lost: asyncio.Event | None = None
         self._inflight: dict[int, StoredMessage] = {}
+        self._rtt = AckProbe()
         # Two streams read ahead from the store: live (newer than the connect) and the replayed backlog.
         self._live = Stream()
         self._replay = Stream()
@@ -240,6 +240,7 @@ class MqttSink:
         metrics.MQTT_CONNECTS.inc()
         self.transitions.mark_up(broker=f"{m.host}:{m.port}")
         self._inflight.clear()
+        self._rtt.reset()
         self._acks.clear()
         self._replay_upto = self.store.max_id()
         self._replay.reset(0, self._replay_upto)
@@ -350,6 +351,7 @@ class MqttSink:
             self._done([msg])
         else:
             self._inflight[info.mid] = msg
+            self._rtt.sent(info.mid)
 
     def _handle_acks(self) -> None:
         self._ack_signalled = False
@@ -357,6 +359,7 @@ class MqttSink:
         while self._acks:
             mid = self._acks.popleft()
             msg = self._inflight.pop(mid, None)
+            self._rtt.acked(mid)
             if msg is not None:
                 done.append(msg)
         if done:
@@ -385,8 +388,7 @@ class MqttSink:
 
     async def _close_client(self) -> None:
         client, self._client = self._client, None
-        if client is not None:
-            await close_client(client)
+        await close_client(client)
 
     def publish_direct(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
         """Publish outside the store (birth on rebirth); a no-op while disconnected."""

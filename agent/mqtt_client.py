@@ -65,8 +65,10 @@ def incoming(msg: paho.MQTTMessage) -> Incoming:
     )
 
 
-async def close_client(client: paho.Client) -> None:
-    """Disconnect, stop paho's network thread, and close a socket paho left open."""
+async def close_client(client: paho.Client | None) -> None:
+    """Disconnect, stop paho's network thread, and close a socket paho left open (None: nothing to do)."""
+    if client is None:
+        return
     with contextlib.suppress(Exception):
         client.disconnect()
     await asyncio.to_thread(client.loop_stop)

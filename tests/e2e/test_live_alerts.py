@@ -62,6 +62,11 @@ def test_alerts_listed_while_active_across_a_restart_and_counted(tmp_path: Path,
         a = active[0]
         assert (a["equipment_id"], a["tag"], a["severity"], a["value"]) == ("press-1", "temp", "critical", 85.0)
         assert a["since"] and a["alert_id"] and a["message"] == "Spindle overheating"
+        # `edge-agent status --watch` shows it beside its equipment
+        from agent.cli_status import _fetch, table
+
+        watched = table(_fetch(f"http://127.0.0.1:{port}", None, alerts=True), details=True)
+        assert "ALERT press-1: Spindle overheating" in watched
         m = scrape(port)
         assert sample(m, "edge_agent_alerts_active", equipment_id="press-1", severity="critical") == 1
         # across a restart: the same alert, the same id and since
@@ -113,6 +118,9 @@ def test_metrics_for_dashboards_and_health_per_link(tmp_path: Path, broker: Brok
         assert sample(m, "edge_agent_store_oldest_age_seconds") is not None
         assert sample(m, "edge_agent_link_up", link="broker", equipment_id="") == 1
         assert get(port, "/healthz")[1]["components"]["mqtt"]["link"]["errors_total"] == 0  # connecting is no error
+        # the broker's request duration: publish to PUBACK, in /healthz and as a histogram
+        assert wait_until(lambda: get(port, "/healthz")[1]["components"]["mqtt"]["link"]["duration_s"]["count"])
+        assert (sample(scrape(port), "edge_agent_mqtt_ack_seconds_count") or 0) > 0
         assert sample(m, "edge_agent_link_up", link="driver", equipment_id="press-1") == 1
 
         # The lathe cannot connect: down, errors counted with the last one and when, uptime ratio 0.
