@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import inspect
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,6 +21,7 @@ from agent.config import AgentConfig, validate_data
 from agent.errors import ConfigError
 from agent.model import EquipmentStatus, iso, json_safe
 from agent.monitor import Monitor
+from agent.monitor_state import MemorySink as _MemorySink  # its old name, which tests use
 from agent.runner import RunningDriver
 from drivers.sdk.driver import Driver, DriverContext
 from drivers.sdk.registry import get_driver
@@ -28,40 +29,6 @@ from drivers.sdk.registry import get_driver
 __all__ = ["EquipmentClient", "EquipmentStatus"]
 
 StatusCallback = Callable[[EquipmentStatus], Awaitable[None] | None]
-
-
-class _MemorySink:
-    """Keeps the monitor's bookkeeping in memory; messages are not stored (nobody publishes them)."""
-
-    def __init__(self) -> None:
-        self.state: dict[str, Any] = {}
-        self.seq = 0
-
-    def append(
-        self,
-        kind: str,
-        topic: str,
-        payload: dict[str, Any],
-        qos: int = 1,
-        retain: bool = False,
-        response_topic: str | None = None,
-        correlation: bytes | None = None,
-    ) -> int:
-        self.seq += 1
-        return self.seq
-
-    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None:
-        for _ in items:
-            self.seq += 1
-
-    def set_state(self, key: str, value: Any) -> None:
-        if value is None:
-            self.state.pop(key, None)
-        else:
-            self.state[key] = value
-
-    def state_items(self, prefix: str) -> dict[str, Any]:
-        return {k: v for k, v in self.state.items() if k.startswith(prefix)}
 
 
 class EquipmentClient:

@@ -83,3 +83,37 @@ def release_checkpoints(states: Iterable[EquipmentState]) -> None:
             for fut in done:
                 if not fut.done():
                     fut.set_result(True)
+
+
+class MemorySink:
+    """A sink that keeps the monitor's bookkeeping in memory and stores no message (the Python API, the dry run)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self.seq = 0
+
+    def append(
+        self,
+        kind: str,
+        topic: str,
+        payload: dict[str, Any],
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> int:
+        self.seq += 1
+        return self.seq
+
+    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None:
+        for _ in items:
+            self.seq += 1
+
+    def set_state(self, key: str, value: Any) -> None:
+        if value is None:
+            self.state.pop(key, None)
+        else:
+            self.state[key] = value
+
+    def state_items(self, prefix: str) -> dict[str, Any]:
+        return {k: v for k, v in self.state.items() if k.startswith(prefix)}

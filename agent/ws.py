@@ -114,8 +114,9 @@ class WsEndpoint:
         except Closing as err:
             log.info("ws_closed", client=client.name if client else address, code=err.code, reason=err.reason)
             await self._close(request, ws, err.code, err.reason)
-        except ConnectionError:
-            pass  # the client went away
+        except ConnectionError as err:
+            # The client went away mid-send: nothing to close, only its place in the hub to free.
+            log.debug("ws_gone", client=client.name if client else address, error=str(err))
         finally:
             if client is not None:
                 self.hub.remove(client)
@@ -181,7 +182,7 @@ class WsEndpoint:
         if kind == "ping":
             client.offer(event_text("pong", None))
         elif kind == "auth":
-            pass  # already authenticated (by header or an earlier message)
+            return  # already authenticated (by header or an earlier message): a repeat changes nothing
         elif kind in ("subscribe", "unsubscribe"):
             channels = _channels(msg)
             added = [c for c in channels if c not in client.channels] if kind == "subscribe" else []

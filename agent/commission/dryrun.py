@@ -26,6 +26,7 @@ from agent.config import AgentConfig, EquipmentConfig, config_path, load_config
 from agent.errors import ConfigError
 from agent.model import ConnectionState, QualityResult, Reading, Unchanged
 from agent.monitor import Monitor
+from agent.monitor_state import MemorySink
 from drivers.sdk.driver import DriverContext
 from drivers.sdk.registry import get_driver
 
@@ -33,12 +34,12 @@ from drivers.sdk.registry import get_driver
 SETTLE_S = 5.0
 
 
-class CaptureSink:
+class CaptureSink(MemorySink):
     """The monitor's sink: every message it would store for MQTT, kept as (topic, payload, retain)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.messages: list[tuple[str, Any, bool]] = []
-        self.state: dict[str, Any] = {}
 
     def append(
         self,
@@ -57,12 +58,6 @@ class CaptureSink:
         for _kind, topic, body, _qos, retain in items:
             # The store closes the object after adding "seq" (see Store.append_encoded).
             self.messages.append((topic, json.loads(body + "}"), retain))
-
-    def set_state(self, key: str, value: Any) -> None:
-        self.state[key] = value
-
-    def state_items(self, prefix: str) -> dict[str, Any]:
-        return {k: v for k, v in self.state.items() if k.startswith(prefix)}
 
 
 @dataclass

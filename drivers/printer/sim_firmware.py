@@ -5,6 +5,7 @@ Part of the virtual printer (`sim.py`); it shares no code with the driver.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import random
 import re
@@ -78,7 +79,7 @@ class Heater:
         return 127 if self.target > 0 and self.temp < self.target - 0.5 else 0
 
 
-class Firmware:
+class Firmware(abc.ABC):
     """The firmware's state and its line discipline: line numbers, checksums, resends, the stopped state.
 
     `say()` writes to the host (the port side, `VirtualPrinter`); `_do_<code>` handlers run the commands."""
@@ -178,9 +179,9 @@ class Firmware:
         self._inbuf = bytearray()
         self._lost: asyncio.Event = asyncio.Event()
 
+    @abc.abstractmethod
     def say(self, *lines: str) -> None:
-        """Write lines to the host."""
-        raise NotImplementedError
+        """Write lines to the host (the port side, `VirtualPrinter`, does)."""
 
     def _stop(self, message: str) -> None:
         self._abort_print()

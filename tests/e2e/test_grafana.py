@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from peers import GUARD_S, ROOT, Broker, Daemon, free_port, script_line, scripted_equipment, write_config
+from peers import GUARD_S, ROOT, Broker, Daemon, free_port, require_tool, script_line, scripted_equipment, write_config
 
 GRAFANA = ROOT / "grafana"
 DASHBOARD = GRAFANA / "edge-agent-dashboard.json"
@@ -96,13 +93,13 @@ def test_dashboard_and_rules_use_only_exported_metrics(tmp_path: Path, broker: B
     assert others <= PROMETHEUS_SERIES, others
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus) is not installed")
 def test_rules_pass_promtool() -> None:
-    check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=GUARD_S)
+    promtool = require_tool("promtool")  # Debian's prometheus, installed by scripts/test.sh
+    check = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=GUARD_S)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "SUCCESS: 7 rules found" in check.stdout
     unit = subprocess.run(
-        ["promtool", "test", "rules", "edge-agent-alerts.test.yml"],
+        [promtool, "test", "rules", "edge-agent-alerts.test.yml"],
         capture_output=True,
         text=True,
         timeout=GUARD_S,

@@ -7,37 +7,28 @@ itself after the daemon restarts.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.support.ui import WebDriverWait
 
-from peers import GUARD_S, Broker, Daemon, free_port, script_line, scripted_equipment, write_config
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-
-webdriver = pytest.importorskip("selenium.webdriver")
-if not (os.access(CHROMIUM, os.X_OK) and shutil.which(CHROMEDRIVER)):
-    pytest.skip(
-        "Debian's chromium and chromium-driver are needed (scripts/test.sh installs them)", allow_module_level=True
-    )
-
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from peers import GUARD_S, Broker, Daemon, free_port, require_tool, script_line, scripted_equipment, write_config
 
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a browser or a driver
     options = Options()
-    options.binary_location = CHROMIUM
+    # Debian's chromium and chromium-driver (scripts/test.sh installs them); under CI=true a missing one fails.
+    options.binary_location = require_tool("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=require_tool("chromedriver")))
     try:
         yield driver
     finally:
