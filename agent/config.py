@@ -104,6 +104,7 @@ class SparkplugSection(Model):
     primary_host_id: str | None = Field(None, pattern=SPARKPLUG_ID)
     dcmd_enabled: bool = False
     history_window_s: float | None = Field(None, gt=0)  # default: 2.5x the keep-alive
+    client_id: str | None = None  # default: the [mqtt] client id + "-sparkplug"
 
 
 class MqttSection(SecretHolder):
@@ -125,7 +126,7 @@ class MqttSection(SecretHolder):
     replay_max_per_s: float = Field(2000.0, ge=0)  # pace of the replayed backlog; 0 = unpaced
     commands_enabled: bool = True
     command_max_age_s: float = Field(30.0, gt=0)
-    # Northbound streams on the one connection: today's contract, a Sparkplug B edge node, a UNS tree.
+    # Northbound streams: today's contract and a UNS tree on this connection, a Sparkplug B edge node on its own.
     profiles: list[Profile] = Field(default_factory=lambda: list[Profile](["edge-agent"]))
     sparkplug: SparkplugSection = Field(default_factory=SparkplugSection)  # type: ignore[arg-type]
 
@@ -137,6 +138,13 @@ class MqttSection(SecretHolder):
         if len(set(v)) != len(v):
             raise ValueError("a profile is named twice")
         return v
+
+    @model_validator(mode="after")
+    def _two_connections(self) -> MqttSection:
+        # The broker would throw one connection out each time the other connects with the same id.
+        if self.sparkplug.client_id is not None and self.sparkplug.client_id == self.client_id:
+            raise ValueError("sparkplug.client_id must differ from client_id: the edge node has its own connection")
+        return self
 
     @field_validator("url")
     @classmethod

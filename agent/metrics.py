@@ -99,6 +99,11 @@ MQTT_REPLAYED = Counter(
     "edge_agent_mqtt_replayed_total", "Stored messages replayed after a reconnect", registry=REGISTRY
 )
 MQTT_CONNECTED = Gauge("edge_agent_mqtt_connected", "1 while connected to the broker", registry=REGISTRY)
+SPARKPLUG_BORN = Gauge(
+    "edge_agent_sparkplug_born",
+    "1 while the Sparkplug edge node is born (its connection up and the primary host, if any, online)",
+    registry=REGISTRY,
+)
 MQTT_CONNECTS = Counter("edge_agent_mqtt_connects_total", "Successful broker connections", registry=REGISTRY)
 MQTT_ACK_SECONDS = Histogram(
     "edge_agent_mqtt_ack_seconds",

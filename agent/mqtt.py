@@ -4,7 +4,9 @@ Each connection uses a fresh paho client so that paho never re-sends from its ow
 the only source of truth. A message leaves the store only on its PUBACK. On every (re)connect: the birth,
 then every current status, then live traffic, always ahead of what waited in the store; that backlog is
 replayed behind it in order, marked `is_historical`, never retained, paced by `replay_max_per_s`
-(the two streams and the pace: `mqtt_streams`; the paho client itself: `mqtt_client`).
+(the two streams and the pace: `mqtt_streams`; the paho client itself: `mqtt_client`; the connection's
+life cycle: `mqtt_connection`). The Sparkplug edge node's messages are another connection's
+(`agent.sparkplug.sink`): this one skips them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,19 +22,15 @@ import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent import metrics, topics
+from agent import metrics, sparkplug, topics
 from agent.config import AgentConfig
-from agent.mqtt_client import Incoming, close_client, incoming, new_client
+from agent.mqtt_client import Incoming, incoming
+from agent.mqtt_connection import BrokerConnection, Will
 from agent.mqtt_streams import FETCH, AckProbe, ReplayPace, Stream
-from agent.northbound.connect import profile_births
-from agent.northbound.fanout import ProfileSink
-from agent.reconnect import Backoff, Transitions, describe
-from agent.sparkplug.commands import Execute
-from agent.sparkplug.link import SparkplugLink
-from agent.store import Store, StoredMessage
+from agent.northbound import uns
+from agent.store import Lane, Store, StoredMessage
 from agent.topics import topics_for
 from agent.waits import wait_event
 from drivers.sdk.jsonio import message_bytes
@@ -48,10 +45,12 @@ LIVE_RESERVE = 50  # of the window, never filled by the replay: live traffic nev
 # first (acknowledged but not yet deleted goes out again after a crash: a duplicate, not a loss).
 DELETE_BATCH, DELETE_DELAY_S = 500, 0.05
 HISTORICAL = b',"is_historical":true}'
+# With the Sparkplug profile on, its messages are the edge node's connection's; this one sends all others.
+NOT_SPARKPLUG = Lane(sparkplug.NAMESPACE + "/", inside=False)
 
 
-class MqttSink:
-    """Owns the broker connection: birth and will, the store pump, subscriptions."""
+class MqttSink(BrokerConnection):
+    """Today's contract (and the UNS profile) on one connection: birth and Will, the store pump, commands."""
 
     def __init__(
         self,
@@ -63,114 +62,49 @@ class MqttSink:
         started_at: str,
         on_connected: Callable[[], None],
         on_message: Callable[[Incoming], None],
-        northbound: ProfileSink | None = None,
-        execute: Execute | None = None,
     ) -> None:
-        self.cfg = cfg
-        self.store = store
+        super().__init__(cfg, store, log, "mqtt", cfg.client_id)
         self.session = session
         self.version = version
         self.started_at = started_at
         self._on_connected = on_connected
         self._on_message = on_message
         self.topics = topics_for(cfg)
-        self.connected = False
-        self.down_since: float | None = time.monotonic()
-        self.last_error: str | None = None
-        self._wake = asyncio.Event()
         self._acks: collections.deque[int] = collections.deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: paho.Client | None = None
-        self._lost: asyncio.Event | None = None
         self._inflight: dict[int, StoredMessage] = {}
         self._rtt = AckProbe()
+        self.profiles = cfg.mqtt.profiles
         # Two streams read ahead from the store: live (newer than the connect) and the replayed backlog.
-        self._live = Stream()
-        self._replay = Stream()
+        lane = NOT_SPARKPLUG if "sparkplug" in self.profiles else None
+        self._live = Stream(lane)
+        self._replay = Stream(lane)
         self._replay_upto = 0  # the backlog is every stored message up to this id at the connect
         self._pace = ReplayPace(self._wake.set)
-        self._stop = asyncio.Event()
         self._ack_signalled = False
-        self._paho_error: str | None = None
         self._to_delete: list[int] = []
         self._delete_timer: asyncio.TimerHandle | None = None
-        self._connack_ok = asyncio.Event()
-        self.transitions = Transitions(log, "mqtt")
-        # The profiles beside today's contract (`[mqtt] profiles`): the Sparkplug edge node's part of the link.
-        self.profiles = cfg.mqtt.profiles
-        on = northbound is not None and "sparkplug" in self.profiles
-        self._spb = SparkplugLink(cfg, northbound, version, execute, self._done) if on and northbound else None
-        store.add_listener(self._wake.set)
 
-    # -- paho callbacks (paho's network thread): hand over to the event loop only
+    # -- paho's network thread: hand over to the event loop only
 
-    def _cb_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+    def on_acked(self, mid: int) -> None:
+        self._acks.append(mid)
+        # One wake-up per batch of acks, not one per ack: the loop drains the whole deque.
+        if not self._ack_signalled:
+            self._ack_signalled = True
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def on_incoming(self, client: paho.Client, msg: paho.MQTTMessage) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._connack, client, rc)
-
-    def _cb_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
-        # Stop paho's own reconnect loop: the supervisor's policy reconnects with a fresh client.
-        client.loop_stop()
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._link_lost, client, str(rc))
-
-    def _cb_publish(self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
-        if client is self._client:
-            self._acks.append(mid)
-            # One wake-up per batch of acks, not one per ack: the loop drains the whole deque.
-            if not self._ack_signalled:
-                self._ack_signalled = True
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._wake.set)
-
-    def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        received = incoming(msg)
-        assert self._loop is not None
-        if self._spb is not None and self._spb.owns(received.topic):
-            self._loop.call_soon_threadsafe(self._spb.on_message, client, received.topic, received.payload)
-        else:
-            self._loop.call_soon_threadsafe(self._on_message, received)
+        self._loop.call_soon_threadsafe(self._on_message, incoming(msg))
 
     # -- event-loop side
 
-    def _connack(self, client: paho.Client, rc: ReasonCode) -> None:
-        if client is not self._client or self._lost is None:
-            return
-        if rc.is_failure:
-            self.last_error = f"broker refused the connection: {rc}"
-            self._lost.set()
-        else:
-            self._connack_ok.set()
-
-    def _link_lost(self, client: paho.Client, reason: str) -> None:
-        if client is not self._client or self._lost is None:
-            return
-        detail = self._paho_error or reason
-        if self._connack_ok.is_set():
-            self.last_error = self.last_error or f"connection lost: {detail}"
-        else:
-            hint = ""
-            if self.cfg.mqtt.tls and not self.cfg.mqtt.cert_file:
-                hint = " (the broker may require a client certificate; none is configured)"
-            self.last_error = self.last_error or f"the broker closed the connection before accepting it: {detail}{hint}"
-        self._lost.set()
-        self._wake.set()
-
-    def _make_client(self) -> paho.Client:
-        # One Will per connection: with the Sparkplug profile it is the NDEATH, as the specification requires.
-        will = self._spb.will() if self._spb is not None else (self.topics.state, message_bytes(self._offline()))
-        client = new_client(self.cfg, *will, retain=self._spb is None)
-        client.on_connect = self._cb_connect
-        client.on_disconnect = self._cb_disconnect
-        client.on_publish = self._cb_publish
-        client.on_message = self._cb_message
-        client.on_log = self._cb_log
-        return client
-
-    def _cb_log(self, client: paho.Client, userdata: Any, level: int, text: str) -> None:
-        # paho reports the socket or TLS error behind a lost connection only in its log.
-        if level in (paho.MQTT_LOG_ERR, paho.MQTT_LOG_WARNING) and client is self._client:
-            self._paho_error = text
+    def will(self) -> Will | None:
+        """The contract's retained offline state (no Will when today's profile is off)."""
+        if "edge-agent" not in self.profiles:
+            return None
+        return self.topics.state, message_bytes(self._offline()), True
 
     def birth(self) -> dict[str, Any]:
         """The retained `R/state` birth payload."""
@@ -180,65 +114,11 @@ class MqttSink:
     def _offline(self) -> dict[str, Any]:
         return topics.offline(self.cfg.agent.id, self.cfg.agent.site, self.session)
 
-    def request_stop(self) -> None:
-        """Drain within the grace period, publish the offline state, disconnect; `run` then returns."""
-        self._stop.set()
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Connect, pump, reconnect with backoff until `request_stop`."""
-        self._loop = asyncio.get_running_loop()
-        stop = self._stop
-        backoff = Backoff(self.cfg.agent.reconnect_max_s)
-        try:
-            while not stop.is_set():
-                try:
-                    await self._session(stop)
-                    backoff.reset()
-                except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as err:
-                    self.last_error = describe(err)
-                finally:
-                    await self._close_client()
-                if stop.is_set():
-                    break
-                self.transitions.mark_down(
-                    self.last_error or "disconnected", broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"
-                )
-                delay = backoff.next()
-                log.debug("mqtt_attempt_failed", error=self.last_error, retry_in_s=round(delay, 2))
-                await wait_event(stop, delay)
-        finally:
-            # A sink replaced on reload must not be woken by every later append.
-            self.store.remove_listener(self._wake.set)
-
-    async def _session(self, stop: asyncio.Event) -> None:
+    async def connected_session(self, client: paho.Client, stop: asyncio.Event) -> None:
+        """Birth, backlog (historical), current statuses, then live."""
         m = self.cfg.mqtt
-        client = self._make_client()
-        self._client = client
-        self._lost = asyncio.Event()
-        self._connack_ok = asyncio.Event()
-        self.last_error = None
-        self._paho_error = None
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 0
-        async with asyncio.timeout(max(10.0, m.keepalive_s)):
-            await asyncio.to_thread(client.connect, m.host, m.port, m.keepalive_s, clean_start=True, properties=props)
-        client.loop_start()
-        waiter = asyncio.create_task(self._connack_ok.wait())
-        lost = asyncio.create_task(self._lost.wait())
-        try:
-            await asyncio.wait({waiter, lost}, timeout=max(10.0, m.keepalive_s), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            lost.cancel()
-        if not self._connack_ok.is_set():
-            raise ConnectionError(self.last_error or "no CONNACK from the broker")
-        # Connected: birth, backlog (historical), current statuses, then live.
-        self.connected = True
-        self.down_since = None
         metrics.MQTT_CONNECTED.set(1)
         metrics.MQTT_CONNECTS.inc()
-        self.transitions.mark_up(broker=f"{m.host}:{m.port}")
         self._inflight.clear()
         self._rtt.reset()
         self._acks.clear()
@@ -249,16 +129,18 @@ class MqttSink:
         self._pace.start(rate if self._replay_upto else 0.0)
         if self._replay_upto:
             log.info("mqtt_replay", messages=self.store.depth, max_per_s=rate or None)
-        # Each profile's birth: today's retained state, the Sparkplug births, the UNS metadata.
+        # Each profile's birth: today's retained state, the UNS metadata (the Sparkplug births: its own link).
         if "edge-agent" in self.profiles:
             client.publish(self.topics.state, message_bytes(self.birth()), qos=1, retain=True)
-        profile_births(client, self.cfg, self._spb)
+        if "uns" in self.profiles:
+            for topic, meta in uns.metadata(self.cfg):
+                client.publish(topic, message_bytes(meta), qos=1, retain=True)
         # retainAsPublished: a request published with retain is recognised (and refused) even when live.
         opts = SubscribeOptions(qos=1, retainAsPublished=True)
-        topics = [(self.topics.rebirth, opts)]
+        subscriptions = [(self.topics.rebirth, opts)]
         if m.commands_enabled:
-            topics.append((self.topics.commands, opts))
-        client.subscribe(topics)
+            subscriptions.append((self.topics.commands, opts))
+        client.subscribe(subscriptions)
         self._on_connected()
         try:
             await self._pump(stop)
@@ -266,9 +148,11 @@ class MqttSink:
             self._pace.stop()
             self._handle_acks()
             self._flush_deletes()
-            self.connected = False
-            self.down_since = time.monotonic()
             metrics.MQTT_CONNECTED.set(0)
+
+    def _drained(self) -> bool:
+        """Nothing of this connection's left to send or to be acknowledged."""
+        return not self._inflight and self._replay.done and not self._live.pending(self.store)
 
     async def _pump(self, stop: asyncio.Event) -> None:
         assert self._client is not None and self._lost is not None
@@ -285,8 +169,7 @@ class MqttSink:
                     if self.store.held:
                         # What only memory holds is lost at exit unless it goes now: no pacing for it.
                         self._pace.lift()
-                windowed = self._spb.held if self._spb is not None else 0
-                if (not self._inflight and self.store.depth <= windowed) or time.monotonic() >= deadline:
+                if self._drained() or time.monotonic() >= deadline:
                     await self._goodbye(client)
                     return
             room = WINDOW - len(self._inflight)
@@ -311,8 +194,8 @@ class MqttSink:
                 await wait_event(self._wake, max(0.01, min(0.1, deadline - time.monotonic())))
 
     async def _goodbye(self, client: paho.Client) -> None:
-        """The clean stop: the retained offline state, the NDEATH (the will is not sent on a normal disconnect)."""
-        infos = [self._spb.goodbye(client)] if self._spb is not None else []
+        """The clean stop: the retained offline state (the Will is not sent on a normal disconnect)."""
+        infos = []
         if "edge-agent" in self.profiles:
             infos.append(client.publish(self.topics.state, message_bytes(self._offline()), qos=1, retain=True))
         with contextlib.suppress(Exception):
@@ -326,19 +209,15 @@ class MqttSink:
 
     def _send(self, client: paho.Client, msg: StoredMessage) -> None:
         historical = msg.id <= self._replay_upto
-        if self._spb is not None and self._spb.owns(msg.topic):
-            if self._spb.send(client, msg, historical) != paho.MQTT_ERR_SUCCESS:
-                assert self._lost is not None
-                self.last_error = "publish failed: not connected"
-                self._lost.set()
+        if sparkplug.is_sparkplug(msg.topic):
+            # Left from a run with the Sparkplug profile on (not sent without its edge node): let it go.
+            self._done([msg])
             return
         payload = msg.payload[:-1] + HISTORICAL if historical and msg.payload.endswith(b"}") else msg.payload
         info = client.publish(msg.topic, payload, qos=msg.qos, retain=msg.retain and not historical)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             # Not connected any more: the message stays stored and goes out after the reconnect.
-            assert self._lost is not None
-            self.last_error = f"publish failed: {paho.error_string(info.rc)}"
-            self._lost.set()
+            self.lose(f"publish failed: {paho.error_string(info.rc)}")
             return
         if historical:
             metrics.MQTT_REPLAYED.inc()
@@ -385,10 +264,6 @@ class MqttSink:
         if self._to_delete:
             ids, self._to_delete = self._to_delete, []
             self.store.delete(ids)
-
-    async def _close_client(self) -> None:
-        client, self._client = self._client, None
-        await close_client(client)
 
     def publish_direct(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
         """Publish outside the store (birth on rebirth); a no-op while disconnected."""

@@ -29,13 +29,13 @@ class Incoming:
     received_at: float
 
 
-def new_client(cfg: AgentConfig, will_topic: str, will: bytes, *, retain: bool = True) -> paho.Client:
-    """A paho client for the configured broker, its `will` (QoS 1, retained unless told) set on `will_topic`;
+def new_client(cfg: AgentConfig, will: tuple[str, bytes, bool] | None, *, client_id: str) -> paho.Client:
+    """A paho client for the configured broker with its Will (topic, payload, retained; QoS 1), if any;
     no callbacks yet."""
     m = cfg.mqtt
     client = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=cfg.client_id,
+        client_id=client_id,
         protocol=paho.MQTTv5,
     )
     if m.username:
@@ -45,7 +45,8 @@ def new_client(cfg: AgentConfig, will_topic: str, will: bytes, *, retain: bool =
         if m.cert_file:
             ctx.load_cert_chain(str(m.cert_file), str(m.key_file) if m.key_file else None)
         client.tls_set_context(ctx)
-    client.will_set(will_topic, will, qos=1, retain=retain)
+    if will is not None:
+        client.will_set(will[0], will[1], qos=1, retain=will[2])
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
     return client

@@ -11,17 +11,19 @@ from collections.abc import Callable
 from agent import metrics
 from agent.linkstats import link
 from agent.ratelimit import TokenBucket
-from agent.store import Store, StoredMessage
+from agent.store import Lane, Store, StoredMessage
 
 FETCH = 1000  # messages read ahead from the store at a time
 
 
 class Stream:
-    """One ordered stream read ahead from the store: ids after `cursor`, up to `upto` when bounded."""
+    """One ordered stream read ahead from the store: ids after `cursor`, up to `upto` when bounded, of one
+    connection's `lane` (all messages without one)."""
 
-    __slots__ = ("ahead", "cursor", "done", "upto")
+    __slots__ = ("ahead", "cursor", "done", "lane", "upto")
 
-    def __init__(self) -> None:
+    def __init__(self, lane: Lane | None = None) -> None:
+        self.lane = lane
         self.ahead: collections.deque[StoredMessage] = collections.deque()
         self.cursor = 0
         self.upto: int | None = None
@@ -39,13 +41,23 @@ class Stream:
             if self.done or (self.upto is None and self.cursor >= store.last_id):
                 return None
             # Read ahead in large batches: one query per FETCH messages, not one per acknowledgement.
-            self.ahead.extend(store.fetch(self.cursor, FETCH, self.upto))
+            found, through = store.fetch_through(self.cursor, FETCH, self.upto, self.lane)
+            self.ahead.extend(found)
+            # Past the other lane's messages too when the batch was short: they are not scanned again.
+            self.cursor = max(self.cursor, through)
             if not self.ahead:
                 if self.upto is not None:
                     self.done = True
                 return None
-            self.cursor = self.ahead[-1].id
         return self.ahead.popleft()
+
+    def pending(self, store: Store) -> bool:
+        """Whether a message of the stream is there now (read ahead, not taken)."""
+        msg = self.next(store)
+        if msg is None:
+            return False
+        self.ahead.appendleft(msg)
+        return True
 
 
 class ReplayPace:

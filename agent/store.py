@@ -26,7 +26,7 @@ import structlog
 
 from agent import metrics
 from agent.store_recovery import MEMORY_MAX_MESSAGES, WATCH_INTERVAL_S, StoreFile, write_kv
-from agent.store_rows import INSERT, SELECT, StoredMessage, describe_error, is_disk_full
+from agent.store_rows import INSERT, SELECT, Lane, StoredMessage, describe_error, is_disk_full
 from agent.store_seq import SEQ_BLOCK, SeqReservation
 from drivers.sdk.jsonio import message_bytes as dumps
 
@@ -35,6 +35,7 @@ __all__ = [
     "RETRY_ON_APPEND_S",
     "SEQ_BLOCK",
     "WATCH_INTERVAL_S",
+    "Lane",
     "Store",
     "StoredMessage",
     "describe_error",
@@ -119,25 +120,26 @@ class Store(StoreFile):
         retain: bool = False,
         response_topic: str | None = None,
         correlation: bytes | None = None,
+        *,
+        numbered: bool = True,
     ) -> int:
-        """Give `payload` the next seq, commit it, and return the seq."""
-        seq = self.next_seq()
-        payload["seq"] = seq
+        """Give `payload` the next seq, commit it, and return the seq. Not `numbered` (another profile's
+        message): no seq, so that today's stream keeps its counter without gaps; returns 0."""
+        seq = self.next_seq() if numbered else 0
+        if numbered:
+            payload["seq"] = seq
         msg = StoredMessage(self._take_id(), seq, kind, topic, dumps(payload), qos, retain, response_topic, correlation)
         self._write([msg])
         return seq
 
-    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None:
+    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]], *, numbered: bool = True) -> None:
         """Append messages whose JSON body is already text, an object missing its closing brace;
-        the store adds `"seq"` and the brace (telemetry, encoded value by value as it arrives)."""
+        the store adds `"seq"` (when `numbered`) and the brace (telemetry, encoded value by value as it arrives)."""
         msgs = []
         for kind, topic, body, qos, retain in items:
-            seq = self.next_seq()
-            msgs.append(
-                StoredMessage(
-                    self._take_id(), seq, kind, topic, f'{body},"seq":{seq}}}'.encode(), qos, retain, None, None
-                )
-            )
+            seq = self.next_seq() if numbered else 0
+            data = f'{body},"seq":{seq}}}' if numbered else f"{body}}}"
+            msgs.append(StoredMessage(self._take_id(), seq, kind, topic, data.encode(), qos, retain, None, None))
         if msgs:
             self._write(msgs)
 
@@ -221,29 +223,46 @@ class Store(StoreFile):
         metrics.STORE_EVICTED.inc(n)
         return n
 
-    def fetch(self, after_id: int, limit: int, upto: int | None = None) -> list[StoredMessage]:
-        """The next messages in order after `after_id` (and not after `upto`), from disk and memory."""
+    def fetch(
+        self, after_id: int, limit: int, upto: int | None = None, lane: Lane | None = None
+    ) -> list[StoredMessage]:
+        """The next messages (of `lane`; all without one) in order after `after_id` (and not after `upto`), from
+        disk and memory."""
+        return self.fetch_through(after_id, limit, upto, lane)[0]
+
+    def fetch_through(
+        self, after_id: int, limit: int, upto: int | None = None, lane: Lane | None = None
+    ) -> tuple[list[StoredMessage], int]:
+        """`fetch`, and the id up to which every message of `lane` has been returned: past the other lane's
+        rows when the batch was short, so that a reader does not scan them again."""
+        top = self.last_id if upto is None else min(upto, self.last_id)
         rows: list[StoredMessage] = []
+        complete = False  # whether disk had no more rows of the lane up to `top`
         if self._db is not None:
             try:
+                where, args = ("", ()) if lane is None else lane.sql()
                 if upto is None:
-                    found = self.db.execute(f"{SELECT} WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+                    found = self.db.execute(
+                        f"{SELECT} WHERE id > ?{where} ORDER BY id LIMIT ?", (after_id, *args, limit)
+                    )
                 else:
                     found = self.db.execute(
-                        f"{SELECT} WHERE id > ? AND id <= ? ORDER BY id LIMIT ?", (after_id, upto, limit)
+                        f"{SELECT} WHERE id > ? AND id <= ?{where} ORDER BY id LIMIT ?", (after_id, upto, *args, limit)
                     )
                 rows = [StoredMessage(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in found]
+                complete = len(rows) < limit
             except sqlite3.Error as err:
                 # Unreadable now (an I/O error): what memory holds still goes; the rest waits for the disk.
                 self._fail(err)
         if self._acked_undeleted:
             rows = [m for m in rows if m.id not in self._acked_undeleted]
-        if not self._held:
-            return rows
-        held = self._held.after(after_id, upto, limit)
-        if not rows:
-            return held
-        return list(heapq.merge(rows, held, key=lambda m: m.id))[:limit]
+        if self._held:
+            held = self._held.after(after_id, upto, limit, lane)
+            complete = complete and len(held) < limit
+            rows = list(heapq.merge(rows, held, key=lambda m: m.id))[:limit] if rows else held
+        if complete and len(rows) < limit:
+            return rows, max(after_id, top)
+        return rows, rows[-1].id if rows else after_id
 
     def max_id(self) -> int:
         """The id of the newest stored message (0 when empty)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, ValuesView
 
-from agent.store_rows import StoredMessage
+from agent.store_rows import Lane, StoredMessage
 
 
 class HeldMessages:
@@ -56,8 +56,9 @@ class HeldMessages:
         self._ids.clear()
         self._telemetry = 0
 
-    def after(self, after_id: int, upto: int | None, limit: int) -> list[StoredMessage]:
-        """Up to `limit` held messages in order after `after_id` (and not after `upto`)."""
+    def after(self, after_id: int, upto: int | None, limit: int, lane: Lane | None = None) -> list[StoredMessage]:
+        """Up to `limit` held messages of `lane` (all without one) in order after `after_id` (and not after
+        `upto`)."""
         ids = self._ids
         if len(ids) > 2 * len(self._msgs) + 64:
             ids[:] = [i for i in ids if i in self._msgs]
@@ -66,7 +67,7 @@ class HeldMessages:
             if upto is not None and i > upto:
                 break
             m = self._msgs.get(i)
-            if m is not None:
+            if m is not None and (lane is None or lane.keeps(m.topic)):
                 out.append(m)
                 if len(out) >= limit:
                     break

@@ -57,6 +57,21 @@ class StoredMessage:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """The part of the queue one broker connection sends: the topics under `prefix` (`inside`) or all others."""
+
+    prefix: str
+    inside: bool
+
+    def keeps(self, topic: str) -> bool:
+        return topic.startswith(self.prefix) == self.inside
+
+    def sql(self) -> tuple[str, tuple[Any, ...]]:
+        """The WHERE clause part and its parameters."""
+        return " AND (substr(topic, 1, ?) = ?) = ?", (len(self.prefix), self.prefix, int(self.inside))
+
+
 def is_disk_full(err: sqlite3.Error) -> bool:
     return getattr(err, "sqlite_errorcode", 0) == 13 or "full" in str(err).lower()
 

@@ -31,6 +31,7 @@ from agent.mqtt import Incoming, MqttSink
 from agent.northbound.fanout import ProfileSink
 from agent.outbox import Outbox
 from agent.runner import RunningDriver
+from agent.sparkplug.sink import SparkplugSink
 from agent.store import Store
 from agent.topics import topics_for
 from drivers.sdk.driver import Driver, DriverContext
@@ -50,6 +51,7 @@ class Supervisor:
         self.store = Store(cfg.agent.state_dir, cfg.mqtt.buffer_max_messages)
         self.monitor: Monitor | None = None
         self.mqtt: MqttSink | None = None
+        self.spb: SparkplugSink | None = None  # the Sparkplug edge node's own connection, when that profile is on
         self.northbound: ProfileSink | None = None
         self.router: CommandRouter | None = None
         self.runners: dict[str, RunningDriver] = {}
@@ -60,6 +62,7 @@ class Supervisor:
         self.backlog = BacklogClock(self.store)  # the age of the oldest waiting message, for /metrics
         self._tg: asyncio.TaskGroup | None = None
         self._mqtt_task: asyncio.Task[None] | None = None
+        self._spb_task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
     @property
@@ -114,6 +117,16 @@ class Supervisor:
                 degraded = True
                 if down_for is not None and down_for > limit:
                     healthy = False
+        spb = self.spb
+        if spb is not None:
+            # Waiting for the primary host is the specification's behaviour, not a fault: degraded, not unhealthy.
+            state = "waiting_for_host" if spb.waiting_for_host else "up" if spb.connected else "down"
+            components["sparkplug"] = {
+                "status": state,
+                "error": None if state == "up" else spb.last_error or f"primary host {spb.link.host.host_id} offline",
+                "bdseq": spb.link.node.bdseq,
+            }
+            degraded = degraded or state != "up"
         store = self.store
         components["store"] = {
             "status": "not_durable" if store.not_durable else "degraded" if store.degraded else "up",
@@ -229,9 +242,7 @@ class Supervisor:
         if self.monitor is not None:
             self.monitor.flush()
         await self._stop_services()
-        if self.mqtt is not None and self._mqtt_task is not None:
-            self.mqtt.request_stop()
-            await asyncio.gather(self._mqtt_task, return_exceptions=True)
+        await self._stop_mqtt()
         if stuck:
             # Everything is durable by now; a driver that ignores cancellation must not keep the process up.
             log.error("exiting_with_stuck_drivers", drivers=[t.get_name() for t in stuck])
@@ -293,10 +304,21 @@ class Supervisor:
             started_at=self.started_at,
             on_connected=monitor.republish_statuses,
             on_message=self._on_message,
-            northbound=self.northbound,
-            execute=self.router.execute if self.router is not None else None,
         )
         self._mqtt_task = self._tg.create_task(self.mqtt.run(), name="sink[mqtt]")
+        if "sparkplug" in self.cfg.mqtt.profiles and self.northbound is not None:
+            execute = self.router.execute if self.router is not None else None
+            self.spb = SparkplugSink(self.cfg, self.store, self.northbound, __version__, execute)
+            self._spb_task = self._tg.create_task(self.spb.run(), name="sink[sparkplug]")
+
+    async def _stop_mqtt(self) -> None:
+        """Drain and stop both connections (each says its goodbye)."""
+        tasks = [t for t in (self._mqtt_task, self._spb_task) if t is not None]
+        for sink in (self.mqtt, self.spb):
+            if sink is not None:
+                sink.request_stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.spb, self._spb_task = None, None
 
     def _on_message(self, msg: Incoming) -> None:
         if msg.topic == topics_for(self.cfg).rebirth:
@@ -363,9 +385,7 @@ class Supervisor:
             self._start_driver(new_eq[eid])
         mqtt_changed = _dump(old.mqtt) != _dump(new.mqtt) or old.mqtt._secrets != new.mqtt._secrets
         if mqtt_changed and self.mqtt is not None:
-            self.mqtt.request_stop()
-            if self._mqtt_task is not None:
-                await asyncio.gather(self._mqtt_task, return_exceptions=True)
+            await self._stop_mqtt()
             self._start_mqtt()
         for service in (self.mpm, self.http):
             if service is not None:

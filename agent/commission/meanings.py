@@ -42,7 +42,10 @@ MEANINGS: dict[str, str] = {
     "SparkplugSection.group_id": "Sparkplug group id; default: the agent's site",
     "SparkplugSection.primary_host_id": "Sparkplug primary host application the node follows",
     "SparkplugSection.dcmd_enabled": "accept Sparkplug DCMD writes",
-    "SparkplugSection.history_window_s": "Sparkplug history window; default 1.5 x keepalive_s",
+    "SparkplugSection.history_window_s": "how long a sent Sparkplug message stays stored to be replayed as"
+    " historical after a silent connection death; default 2.5 x keepalive_s",
+    "SparkplugSection.client_id": "MQTT client id of the edge node's own connection (it carries the NDEATH"
+    " Will); default the [mqtt] client id + -sparkplug",
     # [mpm]
     "MpmSection.base_url": "MPM API root, e.g. https://mpm.plant.local/api/v1",
     "MpmSection.auth": "how the agent authenticates to MPM",

@@ -53,6 +53,10 @@ def _folder(driver: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Write the reference to docs/configuration.md (or the path given)."""
     args = argv if argv is not None else sys.argv[1:]
+    if args and args[0].startswith("-"):
+        # Not a path: `--help` must not become a file named --help.
+        print("usage: python -m agent.commission.reference [OUTPUT.md]", file=sys.stderr)
+        return 0 if args[0] in ("-h", "--help") else 2
     target = Path(args[0]) if args else Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(render(), encoding="utf-8")

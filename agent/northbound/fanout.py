@@ -54,13 +54,15 @@ class ProfileSink:
         profiles = cfg.mqtt.profiles
         eq = self._equipment(cfg, topic) if profiles != ["edge-agent"] else None
         seq = 0
+        # Other profiles' messages take no seq: today's stream keeps its counter without gaps.
         if eq is not None and "uns" in profiles:
             found = uns.message(uns.base(cfg, eq), kind, payload)
             if found is not None:
-                self.store.append(kind, found[0], found[1], 1, found[2])
+                self.store.append(kind, found[0], found[1], 1, found[2], numbered=False)
         if eq is not None and "sparkplug" in profiles and kind == "status":
             self.statuses[eq.id] = dict(payload)
-            self.store.append("status", sparkplug.topic(cfg, "DDATA", eq.id), {"status": dict(payload)}, 0, False)
+            status = {"status": dict(payload)}
+            self.store.append("status", sparkplug.topic(cfg, "DDATA", eq.id), status, 0, False, numbered=False)
         if "edge-agent" in profiles:
             seq = self.store.append(kind, topic, payload, qos, retain, response_topic, correlation)
         return seq
@@ -72,10 +74,11 @@ class ProfileSink:
         if profiles == ["edge-agent"]:
             self.store.append_encoded(items)
             return
+        ours: list[Encoded] = []
         out: list[Encoded] = []
         for item in items:
             if "edge-agent" in profiles:
-                out.append(item)
+                ours.append(item)
             eq = self._equipment(cfg, item[1])
             if eq is None:
                 continue
@@ -88,8 +91,10 @@ class ProfileSink:
                     latest[v["tag"]] = v
                 body = '{"metrics":' + json.dumps(telemetry.get("values", []), separators=(",", ":"))
                 out.append(("telemetry", sparkplug.topic(cfg, "DDATA", eq.id), body, 0, False))
+        if ours:
+            self.store.append_encoded(ours)
         if out:
-            self.store.append_encoded(out)
+            self.store.append_encoded(out, numbered=False)
 
     def set_state(self, key: str, value: Any) -> None:
         """Daemon state goes to the store as it is."""

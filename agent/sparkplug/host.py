@@ -1,7 +1,8 @@
 """Primary Host awareness: the host application's retained `spBv1.0/STATE/<primary_host_id>` (JSON
 `{"online": bool, "timestamp": ms}`, QoS 1, retained: the host's, never ours). While the host is not online
-the edge node is not born and its stored data waits; when it comes online the node is born and what waited
-goes out as historical."""
+the edge node is not born and its stored data waits in the store; when it comes online the node is born and
+what waited goes out as historical. A host that goes offline ends the node's session (NDEATH, disconnect,
+connect again and wait), as the specification requires."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ class PrimaryHost:
         self._stamp = -1
 
     def reset(self) -> None:
-        """A new connection: offline until the (retained) STATE says otherwise."""
+        """A new connection: offline until the (retained) STATE says otherwise. The last timestamp taken is
+        kept: a retained STATE older than it is still stale."""
         self.online = self.host_id is None
-        self._stamp = -1
 
     def update(self, data: bytes) -> bool | None:
         """Take a STATE message; the new online flag when it changed, else None. An older timestamp than

@@ -1,7 +1,8 @@
-"""The Sparkplug B edge node on the MQTT sink's connection: the Will, births after every connect, the stored
-stream encoded as it is sent (QoS 0, never retained, as the specification requires), NCMD, and the
-rolling history window: a sent message stays stored for `history_window_s` (default 2.5x the keep-alive),
-so that after a connection that died silently it is replayed, as historical, behind the new births."""
+"""The Sparkplug B edge node's part of its connection (`sink`): the Will, births, the stored stream encoded
+as it is sent (QoS 0, never retained, as the specification requires), NCMD, DCMD, the primary host's
+STATE, and the rolling history window: a sent message stays stored for `history_window_s` (default 2.5x
+the keep-alive), so that after a connection that died silently it is replayed, as historical, behind the
+new births."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ log = structlog.get_logger("edge_agent.sparkplug")
 
 
 class SparkplugLink:
-    """The edge node's part of one MQTT sink."""
+    """The edge node's session logic on one connection (the connection itself: `SparkplugSink`)."""
 
     def __init__(
         self,
@@ -47,16 +48,15 @@ class SparkplugLink:
         self._timer: asyncio.TimerHandle | None = None
         self._done = done
         self.host = PrimaryHost(s.primary_host_id)
-        self._waiting: list[StoredMessage] = []  # stored data held while the primary host is offline
 
     def will(self) -> tuple[str, bytes]:
         """The NDEATH of the next connection (bdSeq counted and persisted)."""
         return self.node.new_session()
 
-    def connected(self, client: paho.Client) -> None:
-        """After CONNACK: a new window (what the old one held is in the replay), commands, births."""
+    def connected(self, client: paho.Client) -> bool:
+        """After CONNACK: a new window (what the old one held is in the replay), commands, and the births
+        unless a primary host is awaited; whether the node was born."""
         self._sent.clear()
-        self._waiting.clear()  # still stored: the replay after this connect brings it again
         self.host.reset()
         if self._timer is not None:
             self._timer.cancel()
@@ -69,6 +69,7 @@ class SparkplugLink:
         client.subscribe(subscriptions)
         if self.host.online:
             self.birth(client)
+        return self.host.online
 
     def birth(self, client: paho.Client) -> None:
         """NBIRTH and every DBIRTH (also on a rebirth request)."""
@@ -76,26 +77,24 @@ class SparkplugLink:
             client.publish(topic, data, qos=0, retain=False)
         log.info("sparkplug_born", bdseq=self.node.bdseq, devices=len(self.cfg.equipment))
 
-    def on_message(self, client: paho.Client, topic: str, data: bytes) -> None:
-        """A message on a Sparkplug topic (NCMD, DCMD), on the event loop."""
+    def on_message(self, client: paho.Client, topic: str, data: bytes) -> bool | None:
+        """A message on a subscribed topic (NCMD, DCMD, the host's STATE), on the event loop; the primary
+        host's new online flag when it changed (born on True: the caller sends what waited, as historical)."""
         dcmd = sparkplug.topic(self.cfg, "DCMD", "")
         if topic == self.host.topic:
-            if self.host.update(data) and client.is_connected():
-                self.birth(client)  # then what waited for the host, as historical
-                waiting, self._waiting = self._waiting, []
-                for msg in waiting:
-                    self.send(client, msg, True)
-        elif self.dcmd is not None and topic.startswith(dcmd) and "/" not in topic[len(dcmd) :]:
+            online = self.host.update(data)
+            if online and client.is_connected():
+                self.birth(client)
+            return online
+        if self.dcmd is not None and topic.startswith(dcmd) and "/" not in topic[len(dcmd) :]:
             self.dcmd.handle(topic[len(dcmd) :], data)
         elif client.is_connected() and self.host.online and self.node.command(topic, data):
             self.birth(client)
+        return None
 
     def send(self, client: paho.Client, msg: StoredMessage, historical: bool) -> int:
-        """Publish a stored message; it stays in the window (or waits for the primary host). Returns paho's
+        """Publish a stored message (the node is born); it stays stored in the window. Returns paho's
         result code."""
-        if not self.host.online:
-            self._waiting.append(msg)
-            return paho.MQTT_ERR_SUCCESS
         rc = paho.MQTT_ERR_SUCCESS
         for topic, data in self.node.encode(msg, historical):
             rc = client.publish(topic, data, qos=0, retain=False).rc
@@ -115,8 +114,8 @@ class SparkplugLink:
 
     @property
     def held(self) -> int:
-        """Messages kept in the store by the edge node: sent and in the window, or waiting for the host."""
-        return len(self._sent) + len(self._waiting)
+        """Messages sent and kept in the store for the window."""
+        return len(self._sent)
 
     def expired(self, now: float) -> list[StoredMessage]:
         """Messages whose window is over: they can leave the store."""
@@ -133,8 +132,3 @@ class SparkplugLink:
         """The clean stop: the NDEATH the Will would have been."""
         topic, data = self.node.death()
         return client.publish(topic, data, qos=1, retain=False)
-
-    @staticmethod
-    def owns(topic: str) -> bool:
-        """Whether a received or stored message is the edge node's."""
-        return sparkplug.is_sparkplug(topic)

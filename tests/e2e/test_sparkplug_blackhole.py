@@ -153,6 +153,10 @@ def test_every_profile_is_complete_across_an_outage(tmp_path: Path, broker: Brok
         wait_until(lambda: spb() >= wanted, what="the Sparkplug stream complete")
         wait_until(lambda: uns() >= wanted, what="the UNS stream complete")
         wait_until(lambda: today() >= wanted, what="today's stream complete")
+        # The other profiles' messages take no seq: today's has no gap within the run (the contract's promise).
+        seqs = {m.json["seq"] for m in rec.select(contains="edge/test-site/cell-t/equipment/")}
+        assert sorted(seqs) == list(range(min(seqs), max(seqs) + 1)), "a gap in today's seq"
+        assert all("seq" not in m.json for m in rec.select(contains=f"{loc}/mill-1/telemetry/"))
     finally:
         daemon.stop()
         host.close()
