@@ -243,7 +243,9 @@ class SystemWatch:
     def states(report: dict[str, Any]) -> dict[str, tuple[str, Any]]:
         """Component -> (status, error) from a health report: those that are not links (`link_changed`)."""
         comps = report.get("components", {})
-        return {n: (comps[n].get("status"), comps[n].get("error")) for n in ("store", "outbox") if n in comps}
+        return {
+            n: (comps[n].get("status"), comps[n].get("error")) for n in ("store", "outbox", "sparkplug") if n in comps
+        }
 
     def link_changed(self, name: str, up: bool, was: bool | None, error: str | None) -> None:
         """A link (broker, MPM, a driver) went up or down: told at once, so a short outage is seen too."""

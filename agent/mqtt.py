@@ -211,7 +211,7 @@ class MqttSink(BrokerConnection):
         historical = msg.id <= self._replay_upto
         if sparkplug.is_sparkplug(msg.topic):
             # Left from a run with the Sparkplug profile on (not sent without its edge node): let it go.
-            self._done([msg])
+            self.store.delete([msg.id])
             return
         payload = msg.payload[:-1] + HISTORICAL if historical and msg.payload.endswith(b"}") else msg.payload
         info = client.publish(msg.topic, payload, qos=msg.qos, retain=msg.retain and not historical)

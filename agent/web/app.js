@@ -115,6 +115,7 @@ function renderHealth() {
   const rows = [];
   if (c.mqtt) rows.push(linkRow("broker", c.mqtt.status, c.mqtt.link));
   if (c.outbox) rows.push(linkRow("MPM", c.outbox.status, c.outbox.link));
+  if (c.sparkplug) rows.push(linkRow("Sparkplug", c.sparkplug.status, null));
   if (c.store) rows.push(linkRow("store", c.store.status, null));
   for (const [eid, d] of Object.entries(c.drivers || {}).sort()) rows.push(linkRow(eid, d.status, d.link));
   fill("links", rows);
