@@ -20,11 +20,13 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from agent.config_check import (
     ROUTER_KINDS,
+    SPARKPLUG_NAMESPACE,
     did_you_mean,
     equipment_list,
     equipment_variant,
     import_driver_modules,
     model_at,
+    northbound_problems,
     read_secrets,
     resolve_paths,
     validate_model,
@@ -139,12 +141,12 @@ class MqttSection(SecretHolder):
             raise ValueError("a profile is named twice")
         return v
 
-    @model_validator(mode="after")
-    def _two_connections(self) -> MqttSection:
-        # The broker would throw one connection out each time the other connects with the same id.
-        if self.sparkplug.client_id is not None and self.sparkplug.client_id == self.client_id:
-            raise ValueError("sparkplug.client_id must differ from client_id: the edge node has its own connection")
-        return self
+    @field_validator("topic_prefix")
+    @classmethod
+    def _not_sparkplug(cls, v: str) -> str:
+        if v.split("/", 1)[0] == SPARKPLUG_NAMESPACE:
+            raise ValueError(f"{SPARKPLUG_NAMESPACE} is the Sparkplug namespace, not a prefix for these topics")
+        return v
 
     @field_validator("url")
     @classmethod
@@ -352,6 +354,7 @@ def validate_data(
                 read_secrets(section, (name,), base, problems)
             sections[name] = section
     equipment, labels = equipment_list(data.get("equipment", []), base, problems, resolve_secrets=resolve_secrets)
+    northbound_problems(data, sections, problems)
     if problems:
         raise ConfigError(format_problems(problems, text, labels))
     # Validated models are taken as they are (pydantic does not revalidate instances): no second pass.

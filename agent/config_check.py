@@ -19,6 +19,8 @@ from agent.tomlpos import Path as ConfigPath
 from drivers.sdk.config import ID_PATTERN, EquipmentBase, Problem, SecretHolder
 from drivers.sdk.registry import get_driver, known_drivers
 
+SPARKPLUG_NAMESPACE = "spBv1.0"  # the Sparkplug B topic namespace: the edge node's connection carries it
+
 # Command kinds the router runs itself, on any driver that has write commands.
 ROUTER_KINDS = frozenset({"load_process"})
 M = TypeVar("M", bound=BaseModel)
@@ -255,3 +257,30 @@ def equipment_list(
         if eq is not None:
             equipment.append(eq)
     return equipment, labels
+
+
+def northbound_problems(data: dict[str, Any], sections: dict[str, Any], problems: list[Problem]) -> None:
+    """What the profiles need across sections: the edge node's own client id, UNS topics outside the
+    Sparkplug namespace."""
+    agent, mqtt = sections.get("agent"), sections.get("mqtt")
+    if agent is None or mqtt is None:
+        return
+    main = mqtt.client_id or f"edge-agent-{agent.id}"
+    spb = mqtt.sparkplug.client_id
+    if "sparkplug" in mqtt.profiles and (spb or f"{main}-sparkplug") == main:
+        # Two connections with one id would throw each other off the broker, each firing the other's Will.
+        problems.append(
+            Problem(
+                ("mqtt", "sparkplug", "client_id"),
+                f"{spb!r} is the main connection's client id: give the edge node its own",
+            )
+        )
+    raw = data.get("equipment")
+    if "uns" not in mqtt.profiles or not isinstance(raw, list):
+        return
+    for i, item in enumerate(raw):
+        location = item.get("location") if isinstance(item, dict) else None
+        root = (location if isinstance(location, str) else agent.site).split("/", 1)[0]
+        if root == SPARKPLUG_NAMESPACE:
+            where: ConfigPath = ("equipment", i, "location") if isinstance(location, str) else ("agent", "site")
+            problems.append(Problem(where, f"{SPARKPLUG_NAMESPACE} is the Sparkplug namespace, not a UNS location"))

@@ -99,10 +99,11 @@ class BacklogClock:
 
     def oldest_age(self) -> float:
         """Seconds since the oldest waiting message was appended (0 when the store is empty)."""
-        if not self.store.depth:
+        kept = self.store.kept  # sent and kept for the Sparkplug window: not waiting
+        if self.store.depth <= len(kept):
             return 0.0
         try:
-            oldest = self.store.fetch(0, 1)
+            oldest = [m for m in self.store.fetch(0, len(kept) + 1) if m.id not in kept]
         except (sqlite3.Error, OSError):
             return 0.0
         if not oldest:

@@ -203,7 +203,7 @@ class MqttSink(BrokerConnection):
                 await asyncio.gather(*(asyncio.to_thread(i.wait_for_publish, 2.0) for i in infos))
         self._handle_acks()
         self._flush_deletes()
-        if self.store.depth:
+        if not self._drained():
             log.warning("mqtt_stopped_with_backlog", messages=self.store.depth, held_in_memory=self.store.held)
         log.info("mqtt_disconnected_cleanly")
 
@@ -264,6 +264,13 @@ class MqttSink(BrokerConnection):
         if self._to_delete:
             ids, self._to_delete = self._to_delete, []
             self.store.delete(ids)
+
+    def equipment_changed(self, cfg: AgentConfig) -> None:
+        """A reload changed the equipment (not `[mqtt]`): the UNS metadata follows at once."""
+        self.cfg = cfg
+        if "uns" in self.profiles and self._client is not None and self.connected:
+            for topic, meta in uns.metadata(cfg):
+                self._client.publish(topic, message_bytes(meta), qos=1, retain=True)
 
     def publish_direct(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
         """Publish outside the store (birth on rebirth); a no-op while disconnected."""

@@ -57,6 +57,9 @@ class Store(StoreFile):
         self._seq = SeqReservation(self.seq_path, lambda: self.db)
         self.evicted = 0
         self._retried_at = 0.0
+        # Sent messages kept on purpose (the Sparkplug history window), not a backlog: the edge node's sink
+        # keeps this up to date.
+        self.kept: set[int] = set()
 
     # -- opening
 
@@ -132,14 +135,23 @@ class Store(StoreFile):
         self._write([msg])
         return seq
 
-    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]], *, numbered: bool = True) -> None:
-        """Append messages whose JSON body is already text, an object missing its closing brace;
-        the store adds `"seq"` (when `numbered`) and the brace (telemetry, encoded value by value as it arrives)."""
+    def append_encoded(
+        self,
+        items: Iterable[tuple[str, str, str, int, bool]],
+        *,
+        plain: Iterable[tuple[str, str, str, int, bool]] = (),
+    ) -> None:
+        """Append messages whose JSON body is already text, an object missing its closing brace; the store
+        adds `"seq"` and the brace (telemetry, encoded value by value as it arrives). `plain` ones (another
+        profile's) get the brace only, no seq; all in one commit."""
         msgs = []
         for kind, topic, body, qos, retain in items:
-            seq = self.next_seq() if numbered else 0
-            data = f'{body},"seq":{seq}}}' if numbered else f"{body}}}"
-            msgs.append(StoredMessage(self._take_id(), seq, kind, topic, data.encode(), qos, retain, None, None))
+            seq = self.next_seq()
+            data = f'{body},"seq":{seq}}}'.encode()
+            msgs.append(StoredMessage(self._take_id(), seq, kind, topic, data, qos, retain, None, None))
+        for kind, topic, body, qos, retain in plain:
+            data = f"{body}}}".encode()
+            msgs.append(StoredMessage(self._take_id(), 0, kind, topic, data, qos, retain, None, None))
         if msgs:
             self._write(msgs)
 
@@ -293,7 +305,7 @@ class Store(StoreFile):
             else:
                 self._depth = max(0, self._depth - removed)
                 self._telemetry = max(0, self._telemetry - telemetry)
-        if self.incident is not None and self.depth == 0:
+        if self.incident is not None and self.depth <= len(self.kept):
             log.info("store_incident_cleared", incident=self.incident)
             self.incident = None
         metrics.STORE_DEPTH.set(self.depth)

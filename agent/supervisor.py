@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from agent import __version__, linkstats, metrics
+from agent import __version__, health_report, linkstats, metrics
 from agent import systemd as sd
 from agent.commands import CommandRouter
 from agent.config import AgentConfig, EquipmentConfig, load_config
@@ -99,42 +99,21 @@ class Supervisor:
     def health(self) -> tuple[dict[str, Any], bool]:
         """The /healthz report and whether the daemon is healthy (no needed component down too long)."""
         limit = self.cfg.http.unhealthy_after_s
-        now = time.monotonic()
         healthy = True
         degraded = False
         components: dict[str, Any] = {}
-        mqtt = self.mqtt
-        if mqtt is not None:
+        if self.mqtt is not None:
             self.sample_broker()
-            down_for = None if mqtt.connected or mqtt.down_since is None else round(now - mqtt.down_since, 1)
-            components["mqtt"] = {
-                "status": "up" if mqtt.connected else "down",
-                "down_for_s": down_for,
-                "error": None if mqtt.connected else mqtt.last_error,
-                "link": linkstats.link("broker").report(),
-            }
-            if not mqtt.connected:
+            components["mqtt"], down_for = health_report.broker(self.mqtt)
+            if not self.mqtt.connected:
                 degraded = True
-                if down_for is not None and down_for > limit:
-                    healthy = False
-        spb = self.spb
-        if spb is not None:
+                healthy = down_for is None or down_for <= limit
+        if self.spb is not None:
             # Waiting for the primary host is the specification's behaviour, not a fault: degraded, not unhealthy.
-            state = "waiting_for_host" if spb.waiting_for_host else "up" if spb.connected else "down"
-            components["sparkplug"] = {
-                "status": state,
-                "error": None if state == "up" else spb.last_error or f"primary host {spb.link.host.host_id} offline",
-                "bdseq": spb.link.node.bdseq,
-            }
-            degraded = degraded or state != "up"
+            components["sparkplug"] = health_report.sparkplug(self.spb)
+            degraded = degraded or components["sparkplug"]["status"] != "up"
         store = self.store
-        components["store"] = {
-            "status": "not_durable" if store.not_durable else "degraded" if store.degraded else "up",
-            "depth": store.depth,
-            "held_in_memory": store.held,
-            "evicted": store.evicted,
-            "error": store.degraded,
-        }
+        components["store"] = health_report.store(store)
         degraded = degraded or bool(store.degraded) or store.depth > self.cfg.mqtt.buffer_max_messages
         drivers = {}
         for eq in self.cfg.equipment:
@@ -306,18 +285,24 @@ class Supervisor:
             on_message=self._on_message,
         )
         self._mqtt_task = self._tg.create_task(self.mqtt.run(), name="sink[mqtt]")
+        self._start_spb()
+
+    def _start_spb(self) -> None:
+        assert self._tg is not None
         if "sparkplug" in self.cfg.mqtt.profiles and self.northbound is not None:
             execute = self.router.execute if self.router is not None else None
             self.spb = SparkplugSink(self.cfg, self.store, self.northbound, __version__, execute)
             self._spb_task = self._tg.create_task(self.spb.run(), name="sink[sparkplug]")
 
-    async def _stop_mqtt(self) -> None:
-        """Drain and stop both connections (each says its goodbye)."""
-        tasks = [t for t in (self._mqtt_task, self._spb_task) if t is not None]
-        for sink in (self.mqtt, self.spb):
+    async def _stop_mqtt(self, main: bool = True) -> None:
+        """Drain and stop both connections, or only the edge node's (each says its goodbye)."""
+        sinks: list[tuple[Any, asyncio.Task[None] | None]] = [(self.spb, self._spb_task)]
+        if main:
+            sinks.append((self.mqtt, self._mqtt_task))
+        for sink, _ in sinks:
             if sink is not None:
                 sink.request_stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(t for _, t in sinks if t is not None), return_exceptions=True)
         self.spb, self._spb_task = None, None
 
     def _on_message(self, msg: Incoming) -> None:
@@ -387,6 +372,13 @@ class Supervisor:
         if mqtt_changed and self.mqtt is not None:
             await self._stop_mqtt()
             self._start_mqtt()
+        elif changed or added or removed:
+            if self.mqtt is not None:
+                self.mqtt.equipment_changed(new)  # the UNS metadata of the equipment now configured
+            if self.spb is not None:
+                # Devices and their metrics are declared in the births: a new session declares the new set.
+                await self._stop_mqtt(main=False)
+                self._start_spb()
         for service in (self.mpm, self.http):
             if service is not None:
                 await service.reload(old, new)

@@ -60,9 +60,13 @@ class ProfileSink:
             if found is not None:
                 self.store.append(kind, found[0], found[1], 1, found[2], numbered=False)
         if eq is not None and "sparkplug" in profiles and kind == "status":
+            # Only a change: a heartbeat or a republished status would grow the store while the node is unborn
+            # (status rows are never evicted), and the births carry the current status anyway.
+            last = self.statuses.get(eq.id)
             self.statuses[eq.id] = dict(payload)
-            status = {"status": dict(payload)}
-            self.store.append("status", sparkplug.topic(cfg, "DDATA", eq.id), status, 0, False, numbered=False)
+            if last is None or any(last.get(f) != payload.get(f) for f in sparkplug.STATUS_FIELDS):
+                status = {"status": dict(payload)}
+                self.store.append("status", sparkplug.topic(cfg, "DDATA", eq.id), status, 0, False, numbered=False)
         if "edge-agent" in profiles:
             seq = self.store.append(kind, topic, payload, qos, retain, response_topic, correlation)
         return seq
@@ -91,10 +95,8 @@ class ProfileSink:
                     latest[v["tag"]] = v
                 body = '{"metrics":' + json.dumps(telemetry.get("values", []), separators=(",", ":"))
                 out.append(("telemetry", sparkplug.topic(cfg, "DDATA", eq.id), body, 0, False))
-        if ours:
-            self.store.append_encoded(ours)
-        if out:
-            self.store.append_encoded(out, numbered=False)
+        if ours or out:
+            self.store.append_encoded(ours, plain=out)
 
     def set_state(self, key: str, value: Any) -> None:
         """Daemon state goes to the store as it is."""

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-NAMESPACE = "spBv1.0"
+from agent.config import SPARKPLUG_NAMESPACE as NAMESPACE
+
+__all__ = ["NAMESPACE", "STATUS_FIELDS", "group_id", "is_sparkplug", "topic"]
+
+# The equipment status fields a device carries as `Status/<field>` metrics.
+STATUS_FIELDS = ("status", "current_operation", "progress", "error_message", "process_id")
 
 
 def group_id(cfg: Any) -> str:

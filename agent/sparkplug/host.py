@@ -44,6 +44,8 @@ class PrimaryHost:
         stamp = state.get("timestamp")
         stamp = stamp if isinstance(stamp, int) and not isinstance(stamp, bool) else self._stamp
         if stamp < self._stamp:
+            # A host whose clock went back stays unheard until a restart: say why nothing happens.
+            log.warning("sparkplug_host_state_stale", host=self.host_id, timestamp=stamp, last_taken=self._stamp)
             return None
         self._stamp = stamp
         if state["online"] == self.online:

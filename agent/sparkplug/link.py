@@ -42,7 +42,8 @@ class SparkplugLink:
         enabled = cfg.mqtt.sparkplug.dcmd_enabled and execute is not None
         self.dcmd = DeviceCommands(cfg, self.node.aliases, execute) if enabled and execute else None
         s = cfg.mqtt.sparkplug
-        # paho notices a silent death at most two keep-alives after the last packet in: the window outlasts it.
+        # paho notices a silent death at most two keep-alives after the last packet in: the window outlasts it,
+        # and stops with the session (`session_ended`), so an outage of any length loses nothing.
         self.window_s = s.history_window_s if s.history_window_s is not None else 2.5 * cfg.mqtt.keepalive_s
         self._sent: collections.deque[tuple[float, StoredMessage]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
@@ -127,6 +128,16 @@ class SparkplugLink:
     def next_expiry(self) -> float | None:
         """When the oldest held message's window ends (monotonic), if any is held."""
         return self._sent[0][0] + self.window_s if self._sent else None
+
+    def session_ended(self) -> list[StoredMessage]:
+        """The connection is gone: the window stops (what it holds stays stored, for the next births' replay,
+        however long the outage); returns what it held."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held = [m for _, m in self._sent]
+        self._sent.clear()
+        return held
 
     def goodbye(self, client: paho.Client) -> paho.MQTTMessageInfo:
         """The clean stop: the NDEATH the Will would have been."""

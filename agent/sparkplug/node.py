@@ -20,13 +20,7 @@ log = structlog.get_logger("edge_agent.sparkplug")
 BDSEQ_KEY = "sparkplug.bdseq"
 REBIRTH = "Node Control/Rebirth"
 # The equipment status as device metrics: field -> data type.
-STATUS_METRICS = {
-    "status": pl.STRING,
-    "current_operation": pl.STRING,
-    "progress": pl.DOUBLE,
-    "error_message": pl.STRING,
-    "process_id": pl.STRING,
-}
+STATUS_METRICS = {field: pl.DOUBLE if field == "progress" else pl.STRING for field in sparkplug.STATUS_FIELDS}
 
 Out = list[tuple[str, bytes]]
 

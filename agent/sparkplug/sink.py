@@ -69,8 +69,8 @@ class SparkplugSink(BrokerConnection):
         self._loop.call_soon_threadsafe(self._incoming, client, msg.topic, bytes(msg.payload))
 
     def _incoming(self, client: paho.Client, topic: str, data: bytes) -> None:
-        if client is not self._client:
-            return
+        if client is not self._client or self._lost is None or self._lost.is_set():
+            return  # a session that is ending: nothing more goes out on it (no births after its NDEATH)
         online = self.link.on_message(client, topic, data)
         if online is True and not self.born:
             self._born()
@@ -102,6 +102,9 @@ class SparkplugSink(BrokerConnection):
             self._pace.stop()
             self.born = False
             metrics.SPARKPLUG_BORN.set(0)
+            # The window stops with the session: what it holds stays stored and is replayed after the next births.
+            self.link.session_ended()
+            self.store.kept.clear()
 
     def _drained(self) -> bool:
         return self._replay.done and not self._live.pending(self.store)
@@ -114,6 +117,9 @@ class SparkplugSink(BrokerConnection):
             if stop.is_set():
                 if deadline is None:
                     deadline = time.monotonic() + self.cfg.agent.shutdown_grace_s
+                    if self.store.held:
+                        # What only memory holds is lost at exit unless it goes now: no pacing for it.
+                        self._pace.lift()
                 if not self.born or self._drained() or time.monotonic() >= deadline:
                     await self._goodbye(client)
                     return
@@ -131,6 +137,7 @@ class SparkplugSink(BrokerConnection):
                 if self.link.send(client, msg, historical) != paho.MQTT_ERR_SUCCESS:
                     self.lose("publish failed: not connected")
                     return
+                self.store.kept.add(msg.id)
                 sent += 1
             if sent >= FETCH:
                 await asyncio.sleep(0)  # more to send: let the rest of the daemon run in between
@@ -146,8 +153,16 @@ class SparkplugSink(BrokerConnection):
         with contextlib.suppress(Exception):
             async with asyncio.timeout(3.0):
                 await asyncio.to_thread(info.wait_for_publish, 2.0)
-        log.info("sparkplug_disconnected_cleanly", kept_for_the_window=self.link.held)
+        kept = self.link.held
+        if info.is_published():
+            # The broker acknowledged the NDEATH: what went out before it on the same connection reached it.
+            delivered = self.link.session_ended()
+            self._expired(delivered)
+            kept = 0
+        log.info("sparkplug_disconnected_cleanly", kept_for_the_window=kept)
 
     def _expired(self, msgs: list[StoredMessage]) -> None:
         """Messages whose window is over leave the store."""
-        self.store.delete([m.id for m in msgs])
+        ids = [m.id for m in msgs]
+        self.store.kept.difference_update(ids)
+        self.store.delete(ids)

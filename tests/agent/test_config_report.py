@@ -256,3 +256,29 @@ def test_shipped_config_documents_its_limits_and_needs_no_mpm_credentials() -> N
     assert re.search(r"^max_body_bytes = 8388608\s+# \S", mpm, re.M), mpm
     mqtt = text.split("\n[mqtt]")[1].split("\n[")[0]
     assert re.search(r"^replay_max_per_s = 2000\s+# \S", mqtt, re.M), mqtt
+
+
+def test_the_edge_node_needs_its_own_client_id_and_topics_keep_out_of_its_namespace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (
+        HEAD
+        + '[mqtt]\nprofiles = ["edge-agent", "sparkplug", "uns"]\n'
+        + '[mqtt.sparkplug]\nclient_id = "edge-agent-cell-7"\n'
+        + '[[equipment]]\nid = "m1"\ntype = "sensor"\ndriver = "file_drop"\nlocation = "spBv1.0/a"\n'
+        + '[equipment.connection]\ndirectory = "in"\nprocessed_dir = "done"\nfailed_dir = "failed"\n'
+    )
+    code, out = check(tmp_path, text, capsys)
+    assert code == 2
+    clash = (
+        "mqtt.sparkplug.client_id: 'edge-agent-cell-7' is the main connection's client id: give the edge node its own"
+    )
+    assert f"{clash} (line {line_of(text, 'client_id')})" in out
+    where = "equipment[m1].location: spBv1.0 is the Sparkplug namespace, not a UNS location"
+    assert f"{where} (line {line_of(text, 'location')})" in out
+    code, out = check(tmp_path, text.replace("[mqtt]\n", '[mqtt]\ntopic_prefix = "spBv1.0/x"\n'), capsys)
+    assert code == 2 and any("mqtt.topic_prefix: spBv1.0 is the Sparkplug namespace" in o for o in out), out
+    # the default ids differ: the same file without the clashes passes
+    fine = text.replace('client_id = "edge-agent-cell-7"\n', "").replace('"spBv1.0/a"', '"acme/a"')
+    code, out = check(tmp_path, fine, capsys)
+    assert code == 0, out

@@ -62,7 +62,7 @@ def test_other_profiles_take_no_seq(tmp_path: Path) -> None:
     try:
         first = store.append("status", "edge/s", {})
         store.append("status", "acme/line/eq/status", {}, numbered=False)
-        store.append_encoded([("telemetry", "acme/line/eq/telemetry/t", '{"value":1', 1, False)], numbered=False)
+        store.append_encoded([], plain=[("telemetry", "acme/line/eq/telemetry/t", '{"value":1', 1, False)])
         assert store.append("status", "edge/s", {}) == first + 1
         bodies = [json.loads(m.payload) for m in store.fetch(0, 10)]
         assert ["seq" in b for b in bodies] == [True, False, False, True]

@@ -65,7 +65,7 @@ def test_data_produced_while_the_primary_host_is_offline_arrives_as_historical(t
         wait_until(lambda: host.of("NDEATH"), what="the NDEATH when the host went offline")
         assert (metric(host.of("NDEATH")[0].payload, "bdSeq").long_value or 0) == first
         wait_until(lambda: health(cfg)["components"]["sparkplug"]["status"] == "waiting_for_host", what="waiting")
-        assert "scada-1 offline" in health(cfg)["components"]["sparkplug"]["error"]
+        assert health(cfg)["components"]["sparkplug"]["error"] == "primary host scada-1 not online"
         for v in (3.0, 4.0):
             script_line(script, tag="temp", value=v)
         wait_until(lambda: any(b'"value":4.0' in p for p in stored(tmp_path / "state")), what="held in the store")
