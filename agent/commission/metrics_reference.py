@@ -6,14 +6,13 @@ stale or when a series the daemon serves is missing from it.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from prometheus_client.metrics import MetricWrapperBase
 
 from agent import metrics
+from agent.commission.reference import write_doc
 
 HEADER = """\
 # Metrics reference
@@ -53,14 +52,7 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Write the reference to docs/metrics.md (or the path given)."""
-    args = argv if argv is not None else sys.argv[1:]
-    if args and args[0].startswith("-"):
-        print("usage: python -m agent.commission.metrics_reference [OUTPUT.md]", file=sys.stderr)
-        return 0 if args[0] in ("-h", "--help") else 2
-    target = Path(args[0]) if args else Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
-    target.write_text(render(), encoding="utf-8")
-    print(target)
-    return 0
+    return write_doc(render, "agent.commission.metrics_reference", "metrics.md", argv)
 
 
 if __name__ == "__main__":

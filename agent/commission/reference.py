@@ -7,6 +7,7 @@ a model field has no line in it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.commission.models import all_sections, keys
@@ -50,18 +51,23 @@ def _folder(driver: str) -> str:
     return {"serial_printer": "printer"}.get(driver, driver)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Write the reference to docs/configuration.md (or the path given)."""
+def write_doc(render_doc: Callable[[], str], module: str, doc: str, argv: list[str] | None) -> int:
+    """The command line of a generated reference: write `docs/<doc>` (or the path given)."""
     args = argv if argv is not None else sys.argv[1:]
     if args and args[0].startswith("-"):
         # Not a path: `--help` must not become a file named --help.
-        print("usage: python -m agent.commission.reference [OUTPUT.md]", file=sys.stderr)
+        print(f"usage: python -m {module} [OUTPUT.md]", file=sys.stderr)
         return 0 if args[0] in ("-h", "--help") else 2
-    target = Path(args[0]) if args else Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    target = Path(args[0]) if args else Path(__file__).resolve().parents[2] / "docs" / doc
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render(), encoding="utf-8")
+    target.write_text(render_doc(), encoding="utf-8")
     print(target)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the reference to docs/configuration.md (or the path given)."""
+    return write_doc(render, "agent.commission.reference", "configuration.md", argv)
 
 
 if __name__ == "__main__":

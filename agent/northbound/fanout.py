@@ -2,7 +2,8 @@
 into the configured profiles' messages (`[mqtt] profiles`) and all of them are appended to the one durable
 store, so that every stream is kept until it is delivered and replayed after an outage like today's.
 
-The Sparkplug stream is stored as JSON (values and statuses per device, under the device's DDATA topic);
+The Sparkplug stream is stored as JSON (today's telemetry body with its `values`, or `{"status": ...}`,
+per device, under the device's DDATA topic);
 the MQTT sink encodes it at send time, when `seq`, aliases and `is_historical` are known. The latest value
 of every tag and status is kept here for the births.
 """
@@ -93,8 +94,8 @@ class ProfileSink:
                 latest = self.latest.setdefault(eq.id, {})
                 for v in telemetry.get("values", ()):
                     latest[v["tag"]] = v
-                body = '{"metrics":' + json.dumps(telemetry.get("values", []), separators=(",", ":"))
-                out.append(("telemetry", sparkplug.topic(cfg, "DDATA", eq.id), body, 0, False))
+                # today's telemetry body as it is (its `values`): encoded at send time, not written twice
+                out.append(("telemetry", sparkplug.topic(cfg, "DDATA", eq.id), item[2], 0, False))
         if ours or out:
             self.store.append_encoded(ours, plain=out)
 

@@ -109,10 +109,12 @@ class SparkplugNode:
         if eq is None:
             return []  # equipment removed by a reload: not born, nothing to say about it
         body = json.loads(msg.payload)
+        # `values` as today's telemetry body has it (`metrics`: rows stored by an earlier version)
+        values = body.get("values") or body.get("metrics") or ()
         out: Out = []
         # A tag born before its first value (or whose values changed type) is born again with the right type.
         retyped = False
-        for v in body.get("metrics", ()):
+        for v in values:
             key, value = (eid, str(v.get("tag"))), v.get("value")
             if key in self.types and value is not None and pl.datatype_of(value) != self.types[key]:
                 self.types[key] = pl.datatype_of(value)
@@ -132,7 +134,7 @@ class SparkplugNode:
                 pl.add_metric(
                     p, alias=alias, value=status.get(field), timestamp=stamp, historical=historical, value_type=dtype
                 )
-        for v in body.get("metrics", ()):
+        for v in values:
             key = (eid, str(v.get("tag")))
             alias = self.aliases.get(key)
             if alias is None:

@@ -24,13 +24,21 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_last_ts: tuple[str, int] = ("", 0)
+
+
 def ts_ms(iso_text: Any) -> int:
     """An ISO-8601 timestamp as milliseconds since the epoch (now if missing or malformed)."""
+    global _last_ts
     if isinstance(iso_text, str):
+        if iso_text == _last_ts[0]:
+            return _last_ts[1]  # the values of one poll share their timestamp: parsed once
         try:
-            return int(datetime.fromisoformat(iso_text).timestamp() * 1000)
+            ms = int(datetime.fromisoformat(iso_text).timestamp() * 1000)
         except ValueError:
-            pass
+            return now_ms()
+        _last_ts = (iso_text, ms)
+        return ms
     return now_ms()
 
 
