@@ -99,16 +99,14 @@ class BacklogClock:
 
     def oldest_age(self) -> float:
         """Seconds since the oldest waiting message was appended (0 when the store is empty)."""
-        kept = self.store.kept  # sent and kept for the Sparkplug window: not waiting
-        if self.store.depth <= len(kept):
-            return 0.0
+        if self.store.depth <= len(self.store.kept):
+            return 0.0  # only what the Sparkplug window keeps: sent, not waiting
         try:
-            oldest = [m for m in self.store.fetch(0, len(kept) + 1) if m.id not in kept]
+            first = self.store.first_waiting_id()
         except (sqlite3.Error, OSError):
             return 0.0
-        if not oldest:
+        if first is None:
             return 0.0
-        first = oldest[0].id
         while len(self.marks) > 1 and self.marks[1][0] <= first:
             self.marks.popleft()  # marks of delivered messages
         at = self.marks[0][1] if self.marks and self.marks[0][0] <= first else self.started

@@ -266,10 +266,15 @@ class MqttSink(BrokerConnection):
             self.store.delete(ids)
 
     def equipment_changed(self, cfg: AgentConfig) -> None:
-        """A reload changed the equipment (not `[mqtt]`): the UNS metadata follows at once."""
+        """A reload changed the equipment (not `[mqtt]`): the UNS metadata follows at once; that of a tag or
+        equipment no longer configured is cleared (an empty retained message)."""
+        before = {topic for topic, _ in uns.metadata(self.cfg)}
         self.cfg = cfg
         if "uns" in self.profiles and self._client is not None and self.connected:
-            for topic, meta in uns.metadata(cfg):
+            now = uns.metadata(cfg)
+            for topic in before - {topic for topic, _ in now}:
+                self._client.publish(topic, b"", qos=1, retain=True)
+            for topic, meta in now:
                 self._client.publish(topic, message_bytes(meta), qos=1, retain=True)
 
     def publish_direct(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:

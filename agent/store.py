@@ -57,9 +57,6 @@ class Store(StoreFile):
         self._seq = SeqReservation(self.seq_path, lambda: self.db)
         self.evicted = 0
         self._retried_at = 0.0
-        # Sent messages kept on purpose (the Sparkplug history window), not a backlog: the edge node's sink
-        # keeps this up to date.
-        self.kept: set[int] = set()
 
     # -- opening
 
@@ -220,15 +217,17 @@ class Store(StoreFile):
             return 0
         try:
             with self._transaction() as db:
-                cur = db.execute(
+                gone = db.execute(
                     "DELETE FROM messages WHERE id IN"
-                    " (SELECT id FROM messages WHERE kind='telemetry' ORDER BY id LIMIT ?)",
+                    " (SELECT id FROM messages WHERE kind='telemetry' ORDER BY id LIMIT ?) RETURNING id",
                     (count,),
-                )
+                ).fetchall()
         except sqlite3.Error as err:
             log.error("store_evict_failed", error=describe_error(err))
             return 0
-        n = cur.rowcount
+        n = len(gone)
+        if self.kept:
+            self.kept.difference_update(i for (i,) in gone)
         self._depth -= n
         self._telemetry -= n
         self.evicted += n
@@ -276,6 +275,19 @@ class Store(StoreFile):
             return rows, max(after_id, top)
         return rows, rows[-1].id if rows else after_id
 
+    def first_waiting_id(self) -> int | None:
+        """The id of the oldest message still to be delivered (not one kept for the Sparkplug window), if any."""
+        limit = len(self.kept) + len(self._acked_undeleted) + 1
+        ids: list[int] = []
+        if self._db is not None:
+            try:
+                ids = [r[0] for r in self.db.execute("SELECT id FROM messages ORDER BY id LIMIT ?", (limit,))]
+            except sqlite3.Error:
+                ids = []
+        if self._held:
+            ids = sorted({*ids, *(m.id for m in self._held.after(0, None, limit))})
+        return next((i for i in ids if i not in self.kept and i not in self._acked_undeleted), None)
+
     def max_id(self) -> int:
         """The id of the newest stored message (0 when empty)."""
         return self.last_id if self.depth else 0
@@ -284,6 +296,8 @@ class Store(StoreFile):
         """Remove acknowledged messages."""
         if not ids:
             return
+        if self.kept:
+            self.kept.difference_update(ids)
         on_disk = [i for i in ids if self._held.pop(i) is None]
         if len(on_disk) != len(ids):
             metrics.STORE_HELD.set(len(self._held))

@@ -23,8 +23,9 @@ class HeldMessages:
     def values(self) -> ValuesView[StoredMessage]:
         return self._msgs.values()
 
-    def add(self, msgs: Iterable[StoredMessage], limit: int) -> int:
-        """Hold `msgs`; past `limit`, drop the oldest telemetry. Return how many were dropped."""
+    def add(self, msgs: Iterable[StoredMessage], limit: int, kept: set[int] | None = None) -> int:
+        """Hold `msgs`; past `limit`, drop the oldest telemetry (and forget it in `kept`). Return how many were
+        dropped."""
         held = self._msgs
         for m in msgs:
             held[m.id] = m
@@ -39,6 +40,8 @@ class HeldMessages:
                     break
                 if held[i].kind == "telemetry":
                     del held[i]
+                    if kept is not None:
+                        kept.discard(i)
                     self._telemetry -= 1
                     gone += 1
         return gone

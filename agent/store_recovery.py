@@ -56,6 +56,9 @@ class StoreFile:
         self.dropped = 0
         self._listeners: list[Callable[[], None]] = []
         self._held = HeldMessages()  # messages not (yet) committed
+        # Sent messages kept on purpose (the Sparkplug history window), not a backlog: the edge node's sink adds
+        # and removes them; every deletion here forgets them too.
+        self.kept: set[int] = set()
         self._acked_undeleted: set[int] = set()  # acknowledged, but the delete could not be written
         self._held_kv: dict[str, Any] = {}  # state writes that could not be committed (None = delete)
 
@@ -143,7 +146,7 @@ class StoreFile:
         return ""
 
     def _hold(self, msgs: list[StoredMessage]) -> None:
-        gone = self._held.add(msgs, self.memory_max)
+        gone = self._held.add(msgs, self.memory_max, self.kept)
         if gone:
             self.dropped += gone
             metrics.STORE_EVICTED.inc(gone)

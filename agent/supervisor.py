@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from agent import __version__, health_report, linkstats, metrics
+from agent import __version__, health_report, linkstats, metrics, sparkplug
 from agent import systemd as sd
 from agent.commands import CommandRouter
 from agent.config import AgentConfig, EquipmentConfig, load_config
@@ -63,6 +63,7 @@ class Supervisor:
         self._tg: asyncio.TaskGroup | None = None
         self._mqtt_task: asyncio.Task[None] | None = None
         self._spb_task: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
         self.ready = asyncio.Event()
 
     @property
@@ -288,7 +289,7 @@ class Supervisor:
         self._start_spb()
 
     def _start_spb(self) -> None:
-        assert self._tg is not None
+        assert self._tg is not None and self.spb is None, "one edge node connection at a time"
         if "sparkplug" in self.cfg.mqtt.profiles and self.northbound is not None:
             execute = self.router.execute if self.router is not None else None
             self.spb = SparkplugSink(self.cfg, self.store, self.northbound, __version__, execute)
@@ -332,7 +333,12 @@ class Supervisor:
     # -- reload
 
     async def reload(self) -> None:
-        """SIGHUP: validate the file again and restart only what changed; an invalid file changes nothing."""
+        """SIGHUP: validate the file again and restart only what changed; an invalid file changes nothing.
+        One reload at a time: a second SIGHUP waits for the first."""
+        async with self._reload_lock:
+            await self._reload()
+
+    async def _reload(self) -> None:
         path = self.cfg.path
         assert path is not None
         try:
@@ -358,6 +364,14 @@ class Supervisor:
         changed = [eid for eid, e in new_eq.items() if eid in old_eq and _dump(old_eq[eid]) != _dump(e)]
         removed = [eid for eid in old_eq if eid not in new_eq]
         added = [eid for eid in new_eq if eid not in old_eq]
+        mqtt_changed = self.mqtt is not None and (
+            _dump(old.mqtt) != _dump(new.mqtt) or old.mqtt._secrets != new.mqtt._secrets
+        )
+        # The edge node's births declare the devices and metrics: a new set needs a new session. The old one
+        # ends before anything of the new config is produced, so it never holds rows it cannot encode.
+        restart_spb = self.spb is not None and (mqtt_changed or sparkplug.declared(old) != sparkplug.declared(new))
+        if mqtt_changed or restart_spb:
+            await self._stop_mqtt(main=mqtt_changed)
         for eid in changed + removed:
             task = self.driver_tasks.pop(eid, None)
             if task is not None:
@@ -368,16 +382,12 @@ class Supervisor:
         self.config.replace(new)  # the monitor, the router and the store follow through their listeners
         for eid in changed + added:
             self._start_driver(new_eq[eid])
-        mqtt_changed = _dump(old.mqtt) != _dump(new.mqtt) or old.mqtt._secrets != new.mqtt._secrets
-        if mqtt_changed and self.mqtt is not None:
-            await self._stop_mqtt()
+        if mqtt_changed:
             self._start_mqtt()
-        elif changed or added or removed:
-            if self.mqtt is not None:
+        else:
+            if self.mqtt is not None and (changed or added or removed):
                 self.mqtt.equipment_changed(new)  # the UNS metadata of the equipment now configured
-            if self.spb is not None:
-                # Devices and their metrics are declared in the births: a new session declares the new set.
-                await self._stop_mqtt(main=False)
+            if restart_spb:
                 self._start_spb()
         for service in (self.mpm, self.http):
             if service is not None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.config import SPARKPLUG_NAMESPACE as NAMESPACE
 
-__all__ = ["NAMESPACE", "STATUS_FIELDS", "group_id", "is_sparkplug", "topic"]
+__all__ = ["NAMESPACE", "STATUS_FIELDS", "declared", "group_id", "is_sparkplug", "topic"]
 
 # The equipment status fields a device carries as `Status/<field>` metrics.
 STATUS_FIELDS = ("status", "current_operation", "progress", "error_message", "process_id")
@@ -30,3 +30,8 @@ def topic(cfg: Any, message_type: str, device: str | None = None) -> str:
 def is_sparkplug(topic_name: str) -> bool:
     """Whether a stored message belongs to the Sparkplug stream."""
     return topic_name.startswith(NAMESPACE + "/")
+
+
+def declared(cfg: Any) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """What the births declare of the config: each device and its metrics (tag and unit)."""
+    return [(eq.id, [(t.name, getattr(t, "unit", None)) for t in eq.tags]) for eq in cfg.equipment]

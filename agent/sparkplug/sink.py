@@ -46,6 +46,7 @@ class SparkplugSink(BrokerConnection):
         super().__init__(cfg, store, log, "sparkplug", client_id(cfg))
         self.link = SparkplugLink(cfg, data, version, execute, self._expired)
         self.born = False
+        self._ending = False  # the clean stop's NDEATH went out: the session takes nothing more
         self._live = Stream(SPARKPLUG)
         self._replay = Stream(SPARKPLUG)
         self._replay_upto = 0
@@ -69,7 +70,7 @@ class SparkplugSink(BrokerConnection):
         self._loop.call_soon_threadsafe(self._incoming, client, msg.topic, bytes(msg.payload))
 
     def _incoming(self, client: paho.Client, topic: str, data: bytes) -> None:
-        if client is not self._client or self._lost is None or self._lost.is_set():
+        if client is not self._client or self._lost is None or self._lost.is_set() or self._ending:
             return  # a session that is ending: nothing more goes out on it (no births after its NDEATH)
         online = self.link.on_message(client, topic, data)
         if online is True and not self.born:
@@ -94,6 +95,7 @@ class SparkplugSink(BrokerConnection):
 
     async def connected_session(self, client: paho.Client, stop: asyncio.Event) -> None:
         self.born = False
+        self._ending = False
         if self.link.connected(client):
             self._born()
         try:
@@ -149,12 +151,14 @@ class SparkplugSink(BrokerConnection):
 
     async def _goodbye(self, client: paho.Client) -> None:
         """The clean stop: the NDEATH the Will would have been (a Will is not sent on a normal disconnect)."""
+        self._ending = True
         info = self.link.goodbye(client)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(3.0):
                 await asyncio.to_thread(info.wait_for_publish, 2.0)
         kept = self.link.held
-        if info.is_published():
+        # paho raises on a message that never went out (the link was already gone): then nothing is known.
+        if info.rc == paho.MQTT_ERR_SUCCESS and info.is_published():
             # The broker acknowledged the NDEATH: what went out before it on the same connection reached it.
             delivered = self.link.session_ended()
             self._expired(delivered)
@@ -163,6 +167,4 @@ class SparkplugSink(BrokerConnection):
 
     def _expired(self, msgs: list[StoredMessage]) -> None:
         """Messages whose window is over leave the store."""
-        ids = [m.id for m in msgs]
-        self.store.kept.difference_update(ids)
-        self.store.delete(ids)
+        self.store.delete([m.id for m in msgs])  # forgotten in `store.kept` too

@@ -68,3 +68,24 @@ def test_other_profiles_take_no_seq(tmp_path: Path) -> None:
         assert ["seq" in b for b in bodies] == [True, False, False, True]
     finally:
         store.close()
+
+
+def test_kept_rows_are_forgotten_when_evicted_or_deleted(tmp_path: Path) -> None:
+    store = Store(tmp_path, max_messages=5)
+    store.open()
+    try:
+        for n in range(4):
+            store.append("telemetry", "spBv1.0/g/DDATA/node/eq", {"n": n}, numbered=False)
+        store.kept.update(m.id for m in store.fetch(0, 10))  # sent, kept for the window
+        assert store.first_waiting_id() is None
+        store.append("status", "edge/s", {"n": 4})
+        waiting = store.fetch(0, 10)[-1].id
+        assert store.first_waiting_id() == waiting
+        for n in range(5, 8):
+            store.append("telemetry", "edge/t", {"n": n})  # past the bound: the oldest telemetry goes
+        assert store.kept == {m.id for m in store.fetch(0, 10) if m.id in store.kept}, "no evicted id stays kept"
+        store.delete(sorted(store.kept))
+        assert not store.kept
+        assert store.first_waiting_id() == waiting
+    finally:
+        store.close()

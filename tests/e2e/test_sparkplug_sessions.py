@@ -113,29 +113,44 @@ def test_heartbeats_while_waiting_for_the_host_do_not_grow_the_store(tmp_path: P
         rec.close()
 
 
-def test_a_reload_adding_equipment_starts_a_session_that_declares_it(tmp_path: Path, broker: Broker) -> None:
-    cfg, _ = spb_config(tmp_path, broker.port)
+def test_reloads_start_a_session_only_when_the_births_change(tmp_path: Path, broker: Broker) -> None:
+    cfg, script = spb_config(tmp_path, broker.port)
     host = Host(broker.port)
     daemon = Daemon(cfg)
     try:
         daemon.start()
         wait_until(lambda: host.of("NBIRTH"), what="NBIRTH")
-        script2 = tmp_path / "script2.jsonl"
-        script2.touch()
-        cfg.write_text(cfg.read_text() + scripted_equipment("mill-2", script2))
+        # A change the births do not carry (the equipment's name): the session goes on.
+        cfg.write_text(cfg.read_text().replace('id = "mill-1"', 'id = "mill-1"\nname = "Mill one"'))
         daemon.send(signal.SIGHUP)
-        wait_until(lambda: host.of("DBIRTH", "mill-2"), what="the new device born")
-        assert len(host.of("NBIRTH")) == 2 and len(host.of("NDEATH")) == 1, "a new session, the old one ended"
-        alias = metric(host.of("DBIRTH", "mill-2")[-1].payload, "temp").alias
-        script_line(script2, tag="temp", value=9.0)
-        wait_until(
-            lambda: any(
+        daemon.wait_log("reloaded")
+        script_line(script, tag="temp", value=5.0)
+        wait_until(lambda: host.of("DDATA", "mill-1"), what="data after the reload")
+        assert len(host.of("NBIRTH")) == 1 and not host.of("NDEATH")
+        # Two equipment added by two SIGHUPs in a row: one reload at a time, one edge node connection.
+        scripts = [tmp_path / "script2.jsonl", tmp_path / "script3.jsonl"]
+        for i, extra in enumerate(scripts, start=2):
+            extra.touch()
+            cfg.write_text(cfg.read_text() + scripted_equipment(f"mill-{i}", extra))
+            daemon.send(signal.SIGHUP)
+        daemon.wait_log("reloaded", count=3)
+        wait_until(lambda: host.of("DBIRTH", "mill-3"), what="the last device born")
+        alias = metric(host.of("DBIRTH", "mill-3")[-1].payload, "temp").alias
+        script_line(scripts[1], tag="temp", value=9.0)
+
+        def got() -> bool:
+            return any(
                 m.alias == alias and m.double_value == 9.0
-                for s in host.of("DDATA", "mill-2")
+                for s in host.of("DDATA", "mill-3")
                 for m in s.payload.metrics
-            ),
-            what="the new device's data",
-        )
+            )
+
+        wait_until(got, what="the new device's data")
+        assert daemon.stop() == 0
+        births = [metric(s.payload, "bdSeq").long_value for s in host.of("NBIRTH")]
+        deaths = [metric(s.payload, "bdSeq").long_value for s in host.of("NDEATH")]
+        assert births == deaths, "every session ended once, none overlapped another"
+        assert births == sorted(set(births)), "each session its own bdSeq, counted once"
     finally:
         daemon.stop()
         host.close()

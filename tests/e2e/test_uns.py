@@ -5,6 +5,7 @@ through the store across a broker outage, beside today's contract or instead of 
 from __future__ import annotations
 
 import contextlib
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -91,3 +92,30 @@ def test_uns_beside_today_is_complete_across_a_broker_outage(tmp_path: Path, bro
     finally:
         daemon.stop()
         rec.close()
+
+
+def test_a_reload_clears_the_metadata_of_removed_equipment(tmp_path: Path, broker: Broker) -> None:
+    cfg, _ = uns_config(tmp_path, broker.port, '["uns"]')
+    script2 = tmp_path / "script2.jsonl"
+    script2.touch()
+    second = scripted_equipment("mill-2", script2).replace(
+        'driver = "scripted"', f'driver = "scripted"\nlocation = "{LOC}"'
+    )
+    cfg.write_text(cfg.read_text() + second)
+    daemon = Daemon(cfg)
+    try:
+        daemon.start()
+        first = Recorder(broker.port, [f"{LOC}/+/metadata/#"], clean=True)
+        first.wait_for(lambda ms: any(m.topic == f"{LOC}/mill-2/metadata/temp" for m in ms), "mill-2's metadata")
+        first.close()
+        cfg.write_text(cfg.read_text().replace(second, ""))
+        daemon.send(signal.SIGHUP)
+        daemon.wait_log("reloaded")
+        late = Recorder(broker.port, [f"{LOC}/+/metadata/#"], clean=True)
+        try:
+            late.wait_for(lambda ms: any(m.topic == f"{U}/metadata/temp" for m in ms), "mill-1's metadata")
+            assert not [m for m in late.messages if "/mill-2/" in m.topic and m.payload], "no retained metadata left"
+        finally:
+            late.close()
+    finally:
+        daemon.stop()
