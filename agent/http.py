@@ -28,8 +28,8 @@ from agent import jsonin, metrics
 from agent.command_rules import Forbidden
 from agent.config_holder import ConfigHolder
 from agent.errors import CommandError
-from agent.http_auth import Caller, authenticate, grant, identify, refused
-from agent.http_errors import ApiError, ErrorAnswers, Handler, json_response
+from agent.http_auth import CALLER_KEY, Caller, authenticate, grant, identify, refused
+from agent.http_errors import REQUEST_ID_KEY, ApiError, ErrorAnswers, Handler, json_response
 from agent.http_live import LiveRoutes
 from agent.http_server import HttpServer
 from agent.live import LiveHub
@@ -168,7 +168,8 @@ class HttpApi:
         except ApiError:
             self._failed(address)
             raise
-        request["caller"] = caller
+        if caller is not None:
+            request[CALLER_KEY] = caller
         self._spend(f"key:{caller.name}" if caller else f"ip:{address}")
         return await handler(request)
 
@@ -282,7 +283,7 @@ class HttpApi:
             raise refused(caller, err) from None
         except CommandError as err:  # the router raises only its refusals of unknown names: others are results
             raise ApiError(err.http_status, "not_found", str(err)) from None
-        return json_response({"request_id": request["request_id"], **result}, status)
+        return json_response({"request_id": request[REQUEST_ID_KEY], **result}, status)
 
     def _outbox(self) -> Any:
         outbox = self.deps.dead_letters()

@@ -33,6 +33,7 @@ class Caller:
 
 
 ANONYMOUS = Caller("anonymous-loopback", "viewer")  # a loopback caller while no keys are configured
+CALLER_KEY = web.RequestKey("caller", Caller)  # who the API's middleware identified
 
 
 def is_loopback(remote: str | None) -> bool:
@@ -97,9 +98,9 @@ def caller_of(presented: str, keys: Sequence[ApiKey]) -> Caller:
 
 
 def authenticate(request: web.Request, keys: Sequence[ApiKey]) -> Caller:
-    """The caller the API's middleware identified (`request["caller"]`), or `ANONYMOUS` for a loopback
+    """The caller the API's middleware identified (`CALLER_KEY`), or `ANONYMOUS` for a loopback
     caller while no keys are configured; 401 when a key is needed and none was given."""
-    caller: Caller | None = request.get("caller")
+    caller = request.get(CALLER_KEY)
     if caller is not None:
         return caller
     if keys or not is_loopback(request.remote):

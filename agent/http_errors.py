@@ -19,6 +19,8 @@ from agent.http_server import serving
 from agent.model import iso, utcnow
 from drivers.sdk.jsonio import message_bytes
 
+REQUEST_ID_KEY = web.RequestKey("request_id", str)  # the request's id, echoed in X-Request-Id and in errors
+
 log = structlog.get_logger("edge_agent.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -85,7 +87,7 @@ class ErrorAnswers:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         given = request.headers.get("X-Request-Id", "")
         request_id = given if REQUEST_ID.fullmatch(given) else str(uuid.uuid4())  # only what can be echoed
-        request["request_id"] = request_id
+        request[REQUEST_ID_KEY] = request_id
         with serving(request):
             try:
                 resp = await handler(request)

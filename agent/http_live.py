@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent import openapi
-from agent.http_auth import Caller, authenticate, caller_of
+from agent.http_auth import CALLER_KEY, Caller, authenticate, caller_of
 from agent.http_errors import ApiError, json_response
 from agent.live import LiveHub, SystemWatch, event_text
 from agent.live_state import active_alerts
@@ -102,7 +102,7 @@ class LiveRoutes:
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         """`/api/v1/ws` (see `agent.ws`). A key in the header authenticates at once; a wrong one is 401."""
-        caller: Caller | None = request.get("caller")
+        caller = request.get(CALLER_KEY)
         if caller is None and not self.api._cfg.api_keys:
             caller = authenticate(request, ())  # the anonymous loopback viewer, 401 from elsewhere
         if caller is not None:
