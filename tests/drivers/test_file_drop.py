@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +25,7 @@ from agent.errors import ConfigError
 from agent.model import ConnectionState, Event, QualityResult, StatusFact, iso
 from drivers.base import DriverContext
 from drivers.file_drop import FileDropDriver, file_timestamp, numbered, place_file
+from fs import tmpfs
 from peers import GUARD_S
 
 HEADER = "process_id,feature,nominal,measured,lower_tol,upper_tol,unit\n"
@@ -410,12 +410,9 @@ def test_place_file_never_overwrites(tmp_path: Path) -> None:
 
 
 def test_place_file_across_filesystems_copies(tmp_path: Path) -> None:
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("needs a second filesystem at /dev/shm")
     (tmp_path / "y.csv").write_text("report")
     os.utime(tmp_path / "y.csv", ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
-    with tempfile.TemporaryDirectory(dir=shm) as other:
+    with tmpfs(tmp_path / "other-fs") as other:
         (Path(other) / "y.csv").write_text("taken")
         final = place_file(tmp_path / "y.csv", Path(other), "y.csv")
         assert final.name == "y.1.csv"

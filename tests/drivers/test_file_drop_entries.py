@@ -10,15 +10,14 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import tempfile
 import threading
 from pathlib import Path
 
-import pytest
 import structlog
 from test_file_drop import equipment, report, running
 
 from agent.model import StatusFact
+from fs import tmpfs
 
 SECRET = b"root:$6$tHiSiSaSeCrEtHaSh:19000:0:99999:7:::\n"
 
@@ -117,10 +116,7 @@ async def test_links_fifos_sockets_devices_and_directories_are_failed_unread(tmp
 
 
 async def test_an_entry_that_cannot_be_moved_is_logged_once_and_left_alone(tmp_path: Path) -> None:
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("needs a second filesystem at /dev/shm")
-    with tempfile.TemporaryDirectory(dir=shm) as other:
+    with tmpfs(tmp_path / "other-fs") as other:
         # A directory cannot be renamed across filesystems, and is never copied (that would read it).
         eq = equipment(tmp_path, failed_dir=str(Path(other) / "failed"), rescan_s=0.2, stable_s=0.1)
         drop = tmp_path / "drop"
