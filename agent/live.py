@@ -25,6 +25,7 @@ import structlog
 from agent import linkstats
 from agent.live_state import RecentQuality
 from agent.model import iso, utcnow
+from agent.store_rows import Encoded
 from drivers.sdk.jsonio import message_bytes
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ class LiveTap:
         self._offer(lambda: self.hub.message(kind, payload))
         return seq
 
-    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None:
+    def append_encoded(self, items: Iterable[Encoded]) -> None:
         batch = list(items)
         self.store.append_encoded(batch)
         self._offer(lambda: self.hub.telemetry(body for kind, _, body, _, _ in batch if kind == "telemetry"))

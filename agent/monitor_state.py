@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from agent.config import AlertConfig, EquipmentConfig
 from agent.model import EquipmentStatus, Reading, StatusFact
+from agent.store_rows import Encoded
 
 
 class Sink(Protocol):
@@ -25,7 +26,7 @@ class Sink(Protocol):
         correlation: bytes | None = None,
     ) -> int: ...
 
-    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None: ...
+    def append_encoded(self, items: Iterable[Encoded]) -> None: ...
 
     def set_state(self, key: str, value: Any) -> None: ...
 
@@ -105,7 +106,7 @@ class MemorySink:
         self.seq += 1
         return self.seq
 
-    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None:
+    def append_encoded(self, items: Iterable[Encoded]) -> None:
         for _ in items:
             self.seq += 1
 

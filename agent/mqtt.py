@@ -268,9 +268,9 @@ class MqttSink(BrokerConnection):
     def equipment_changed(self, cfg: AgentConfig) -> None:
         """A reload changed the equipment (not `[mqtt]`): the UNS metadata follows at once; that of a tag or
         equipment no longer configured is cleared (an empty retained message)."""
-        before = {topic for topic, _ in uns.metadata(self.cfg)}
-        self.cfg = cfg
+        old, self.cfg = self.cfg, cfg
         if "uns" in self.profiles and self._client is not None and self.connected:
+            before = {topic for topic, _ in uns.metadata(old)}
             now = uns.metadata(cfg)
             for topic in before - {topic for topic, _ in now}:
                 self._client.publish(topic, b"", qos=1, retain=True)

@@ -26,7 +26,7 @@ import structlog
 
 from agent import metrics
 from agent.store_recovery import MEMORY_MAX_MESSAGES, WATCH_INTERVAL_S, StoreFile, write_kv
-from agent.store_rows import INSERT, SELECT, Lane, StoredMessage, describe_error, is_disk_full
+from agent.store_rows import INSERT, SELECT, Encoded, Lane, StoredMessage, describe_error, is_disk_full
 from agent.store_seq import SEQ_BLOCK, SeqReservation
 from drivers.sdk.jsonio import message_bytes as dumps
 
@@ -134,9 +134,9 @@ class Store(StoreFile):
 
     def append_encoded(
         self,
-        items: Iterable[tuple[str, str, str, int, bool]],
+        items: Iterable[Encoded],
         *,
-        plain: Iterable[tuple[str, str, str, int, bool]] = (),
+        plain: Iterable[Encoded] = (),
     ) -> None:
         """Append messages whose JSON body is already text, an object missing its closing brace; the store
         adds `"seq"` and the brace (telemetry, encoded value by value as it arrives). `plain` ones (another

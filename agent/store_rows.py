@@ -57,6 +57,10 @@ class StoredMessage:
         )
 
 
+# A queue entry whose JSON body is already text: kind, topic, the object without its closing brace, qos, retain.
+Encoded = tuple[str, str, str, int, bool]
+
+
 @dataclass(frozen=True, slots=True)
 class Lane:
     """The part of the queue one broker connection sends: the topics under `prefix` (`inside`) or all others."""

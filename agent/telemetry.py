@@ -12,6 +12,7 @@ from agent import metrics
 from agent.model import iso, utcnow
 from agent.monitor_state import EquipmentState
 from agent.ratelimit import TokenBucket
+from agent.store_rows import Encoded
 from agent.topics import Topics
 from drivers.sdk.jsonio import value_text
 
@@ -20,8 +21,6 @@ MAX_VALUES_PER_MESSAGE = 1000
 # source delivering about once per interval may go, and how many may go back to back.
 FLUSH_SLACK = 0.25
 FLUSH_BURST = 2.0
-
-Batch = tuple[str, str, str, int, bool]  # kind, topic, JSON body without its closing brace, qos, retain
 
 
 def encode_value(value: Any) -> str:
@@ -35,9 +34,9 @@ def tag_json(tag: str) -> str:
     return f'"{tag}"' if tag.isidentifier() or tag.replace("-", "_").isidentifier() else value_text(tag)
 
 
-def take_batches(equipment: Iterable[EquipmentState], topics: Topics, qos: int) -> tuple[list[Batch], int]:
+def take_batches(equipment: Iterable[EquipmentState], topics: Topics, qos: int) -> tuple[list[Encoded], int]:
     """Every equipment's waiting values as telemetry messages (emptying the waits), and how many values."""
-    batch: list[Batch] = []
+    batch: list[Encoded] = []
     count = 0
     for st in equipment:
         if not st.pending:

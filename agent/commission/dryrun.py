@@ -27,6 +27,7 @@ from agent.errors import ConfigError
 from agent.model import ConnectionState, QualityResult, Reading, Unchanged
 from agent.monitor import Monitor
 from agent.monitor_state import MemorySink
+from agent.store_rows import Encoded
 from drivers.sdk.driver import DriverContext
 from drivers.sdk.registry import get_driver
 
@@ -54,7 +55,7 @@ class CaptureSink(MemorySink):
         self.messages.append((topic, payload, retain))
         return len(self.messages)
 
-    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None:
+    def append_encoded(self, items: Iterable[Encoded]) -> None:
         for _kind, topic, body, _qos, retain in items:
             # The store closes the object after adding "seq" (see Store.append_encoded).
             self.messages.append((topic, json.loads(body + "}"), retain))

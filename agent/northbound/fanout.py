@@ -18,9 +18,8 @@ from agent import sparkplug
 from agent.config import AgentConfig
 from agent.northbound import uns
 from agent.store import Store
+from agent.store_rows import Encoded
 from agent.topics import topics_for
-
-Encoded = tuple[str, str, str, int, bool]
 
 
 class ProfileSink:
@@ -72,7 +71,7 @@ class ProfileSink:
             seq = self.store.append(kind, topic, payload, qos, retain, response_topic, correlation)
         return seq
 
-    def append_encoded(self, items: Iterable[tuple[str, str, str, int, bool]]) -> None:
+    def append_encoded(self, items: Iterable[Encoded]) -> None:
         """Telemetry as the monitor encoded it, and each profile's messages made from it."""
         cfg = self._cfg()
         profiles = cfg.mqtt.profiles

@@ -11,9 +11,7 @@ import json
 from typing import Any
 
 from agent.config import AgentConfig, EquipmentConfig
-
-# Queue entries as the store takes them: (kind, topic, JSON object text without its closing brace, qos, retain)
-Encoded = tuple[str, str, str, int, bool]
+from agent.store_rows import Encoded
 
 
 def base(cfg: AgentConfig, eq: EquipmentConfig) -> str:

@@ -46,6 +46,7 @@ class SparkplugLink:
         # and stops with the session (`session_ended`), so an outage of any length loses nothing.
         self.window_s = s.history_window_s if s.history_window_s is not None else 2.5 * cfg.mqtt.keepalive_s
         self._sent: collections.deque[tuple[float, StoredMessage]] = collections.deque()
+        self._kept = data.store.kept  # the same ids, for the store's figures (it forgets what it deletes)
         self._timer: asyncio.TimerHandle | None = None
         self._done = done
         self.host = PrimaryHost(s.primary_host_id)
@@ -57,11 +58,8 @@ class SparkplugLink:
     def connected(self, client: paho.Client) -> bool:
         """After CONNACK: a new window (what the old one held is in the replay), commands, and the births
         unless a primary host is awaited; whether the node was born."""
-        self._sent.clear()
+        self.session_ended()  # normally done when the last session ended; a new window either way
         self.host.reset()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         subscriptions = [(sparkplug.topic(self.cfg, "NCMD"), 1)]
         if self.dcmd is not None:
             subscriptions.append((sparkplug.topic(self.cfg, "DCMD", "+"), 1))
@@ -100,6 +98,7 @@ class SparkplugLink:
         for topic, data in self.node.encode(msg, historical):
             rc = client.publish(topic, data, qos=0, retain=False).rc
         self._sent.append((time.monotonic(), msg))
+        self._kept.add(msg.id)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.window_s, self._expire)
         return rc
@@ -137,6 +136,7 @@ class SparkplugLink:
             self._timer = None
         held = [m for _, m in self._sent]
         self._sent.clear()
+        self._kept.difference_update(m.id for m in held)  # not sent any more as far as the store knows: waiting
         return held
 
     def goodbye(self, client: paho.Client) -> paho.MQTTMessageInfo:

@@ -106,7 +106,6 @@ class SparkplugSink(BrokerConnection):
             metrics.SPARKPLUG_BORN.set(0)
             # The window stops with the session: what it holds stays stored and is replayed after the next births.
             self.link.session_ended()
-            self.store.kept.clear()
 
     def _drained(self) -> bool:
         return self._replay.done and not self._live.pending(self.store)
@@ -139,7 +138,6 @@ class SparkplugSink(BrokerConnection):
                 if self.link.send(client, msg, historical) != paho.MQTT_ERR_SUCCESS:
                     self.lose("publish failed: not connected")
                     return
-                self.store.kept.add(msg.id)
                 sent += 1
             if sent >= FETCH:
                 await asyncio.sleep(0)  # more to send: let the rest of the daemon run in between
@@ -167,4 +165,4 @@ class SparkplugSink(BrokerConnection):
 
     def _expired(self, msgs: list[StoredMessage]) -> None:
         """Messages whose window is over leave the store."""
-        self.store.delete([m.id for m in msgs])  # forgotten in `store.kept` too
+        self.store.delete([m.id for m in msgs])
